@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ def bucket(s3: Any) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def helm(toolbox: Toolbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def helm(toolbox: Toolbox, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Runs the real helm binary with private config/cache/data directories."""
     home = tmp_path_factory.mktemp("helm-home")
     env = {
@@ -98,7 +98,8 @@ def helm(toolbox: Toolbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
     def run(*args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         run_env = {**env, "KUBECONFIG": str(kubeconfig)} if kubeconfig else env
-        return subprocess.run([str(binary), *args], env=run_env, capture_output=True, text=True, check=check,
-                              timeout=300)
+        return subprocess.run(
+            [str(binary), *args], env=run_env, capture_output=True, text=True, check=check, timeout=300
+        )
 
-    yield run
+    return run

@@ -32,8 +32,13 @@ replace github.com/some/fork => github.com/other/fork v1.0.0
 
 
 def _group(sibling: str | None) -> BuildGroup:
-    return BuildGroup(name="etcd", module="go.etcd.io/etcd/server/v3", version="v3.6.16",
-                      packages={"etcd": "go.etcd.io/etcd/server/v3"}, sibling_version=sibling)
+    return BuildGroup(
+        name="etcd",
+        module="go.etcd.io/etcd/server/v3",
+        version="v3.6.16",
+        packages={"etcd": "go.etcd.io/etcd/server/v3"},
+        sibling_version=sibling,
+    )
 
 
 def test_local_replaces_become_published_siblings() -> None:
@@ -52,9 +57,16 @@ def test_kubernetes_staging_modules_use_v0_versions() -> None:
 
 
 def test_cache_key_changes_with_version() -> None:
-    assert _group("v3.6.16").cache_key != BuildGroup(
-        name="etcd", module="go.etcd.io/etcd/server/v3", version="v3.6.17",
-        packages={"etcd": "go.etcd.io/etcd/server/v3"}, sibling_version="v3.6.16").cache_key
+    assert (
+        _group("v3.6.16").cache_key
+        != BuildGroup(
+            name="etcd",
+            module="go.etcd.io/etcd/server/v3",
+            version="v3.6.17",
+            packages={"etcd": "go.etcd.io/etcd/server/v3"},
+            sibling_version="v3.6.16",
+        ).cache_key
+    )
 
 
 def _fake_binary(directory: Path, name: str) -> Path:
@@ -66,7 +78,11 @@ def _fake_binary(directory: Path, name: str) -> Path:
 
 
 def test_lookup_order_tools_dir_then_envtest_then_path(tmp_path: Path) -> None:
-    tools_dir, envtest, on_path = tmp_path / "tools", tmp_path / "envtest" / "k8s" / "1.34.4-linux-amd64", tmp_path / "bin"
+    tools_dir, envtest, on_path = (
+        tmp_path / "tools",
+        tmp_path / "envtest" / "k8s" / "1.34.4-linux-amd64",
+        tmp_path / "bin",
+    )
     _fake_binary(tools_dir, "kube-apiserver")
     _fake_binary(envtest, "kube-apiserver")
     _fake_binary(envtest, "etcd")
@@ -94,10 +110,11 @@ def test_cached_build_is_reused_without_go(tmp_path: Path) -> None:
 def test_missing_go_gives_an_actionable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     box = Toolbox(cache_dir=tmp_path / "cache", env={"PATH": str(tmp_path / "empty")})
-    with pytest.raises(ToolError, match="no Go toolchain on PATH.*CHARLORA_TOOLS_DIR"):
+    with pytest.raises(ToolError, match=r"no Go toolchain on PATH.*CHARLORA_TOOLS_DIR"):
         box.locate("kwok")
     assert not (tmp_path / "cache" / "tools").exists() or not any(
-        p.name == ".complete" for p in (tmp_path / "cache" / "tools").rglob("*"))
+        p.name == ".complete" for p in (tmp_path / "cache" / "tools").rglob("*")
+    )
 
 
 def test_unknown_tool_is_named() -> None:

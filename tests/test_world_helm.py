@@ -31,13 +31,32 @@ def test_helm_installs_a_chart_into_the_control_plane(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}\n"
         "data:\n  character: {{ .Values.character | quote }}\n"
     )
-    result = helm("install", "smoke", str(chart), "--namespace", namespace, "--set", "character=bob",
-                  "--wait", "--timeout", "60s", kubeconfig=control_plane.kubeconfig)
+    result = helm(
+        "install",
+        "smoke",
+        str(chart),
+        "--namespace",
+        namespace,
+        "--set",
+        "character=bob",
+        "--wait",
+        "--timeout",
+        "60s",
+        kubeconfig=control_plane.kubeconfig,
+    )
     assert "STATUS: deployed" in result.stdout
     assert k8s.CoreV1Api(kube).read_namespaced_config_map("smoke", namespace).data == {"character": "bob"}
 
     listed = helm("list", "--namespace", namespace, "--short", kubeconfig=control_plane.kubeconfig)
     assert listed.stdout.split() == ["smoke"]
-    failed = helm("install", "smoke", str(chart), "--namespace", namespace, check=False,
-                  kubeconfig=control_plane.kubeconfig)
-    assert failed.returncode != 0 and "cannot re-use a name that is still in use" in failed.stderr
+    failed = helm(
+        "install",
+        "smoke",
+        str(chart),
+        "--namespace",
+        namespace,
+        check=False,
+        kubeconfig=control_plane.kubeconfig,
+    )
+    assert failed.returncode != 0
+    assert "cannot re-use a name that is still in use" in failed.stderr

@@ -23,7 +23,9 @@ def test_put_get_list_delete(s3: Any, bucket: str) -> None:
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
     listed = s3.list_objects_v2(Bucket=bucket, Prefix="ns/anna/")
     assert sorted(item["Key"] for item in listed["Contents"]) == [
-        "ns/anna/v1/lora.safetensors", "ns/anna/v1/manifest.json"]
+        "ns/anna/v1/lora.safetensors",
+        "ns/anna/v1/manifest.json",
+    ]
     assert {item["Key"]: item["Size"] for item in listed["Contents"]}["ns/anna/v1/lora.safetensors"] == len(payload)
 
     s3.delete_object(Bucket=bucket, Key="ns/anna/v1/manifest.json")
@@ -50,5 +52,6 @@ def test_stopped_server_refuses_connections_and_leaves_nothing(toolbox: Toolbox)
     server.stop()
     with pytest.raises(EndpointConnectionError):
         client.get_object(Bucket="short-lived", Key="k")
-    assert server.process is not None and not server.process.running()
+    assert server.process is not None
+    assert not server.process.running()
     assert not server.workdir.exists()

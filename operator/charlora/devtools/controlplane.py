@@ -9,6 +9,7 @@ scheduled and become Ready; a running pod ends when a test annotates it with the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -162,10 +163,21 @@ class ControlPlane:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "charlora-test", "cluster": {
-                "server": self.url, "certificate-authority": str(self.pki.ca.cert)}}],
-            "users": [{"name": "admin", "user": {
-                "client-certificate": str(self.pki.admin.cert), "client-key": str(self.pki.admin.key)}}],
+            "clusters": [
+                {
+                    "name": "charlora-test",
+                    "cluster": {"server": self.url, "certificate-authority": str(self.pki.ca.cert)},
+                }
+            ],
+            "users": [
+                {
+                    "name": "admin",
+                    "user": {
+                        "client-certificate": str(self.pki.admin.cert),
+                        "client-key": str(self.pki.admin.key),
+                    },
+                }
+            ],
             "contexts": [{"name": "charlora-test", "context": {"cluster": "charlora-test", "user": "admin"}}],
             "current-context": "charlora-test",
         }
@@ -174,15 +186,22 @@ class ControlPlane:
         path.chmod(0o600)
         return path
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-                content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        content_type: str = "application/json",
+    ) -> tuple[int, dict[str, Any]]:
         """One admin request to the apiserver with the standard library (the fixtures' own bootstrap path)."""
         assert self.pki is not None
         context = ssl.create_default_context(cafile=str(self.pki.ca.cert))
         context.load_cert_chain(str(self.pki.admin.cert), str(self.pki.admin.key))
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
-                                     headers={"Content-Type": content_type})
+        req = urllib.request.Request(
+            f"{self.url}{path}", data=data, method=method, headers={"Content-Type": content_type}
+        )
         try:
             with urllib.request.urlopen(req, context=context, timeout=10) as resp:
                 raw = resp.read()
@@ -194,7 +213,8 @@ class ControlPlane:
         """Adds kube-controller-manager, kube-scheduler and kwok, and registers ``nodes``; idempotent."""
         if self.workloads_running:
             return
-        assert self.pki is not None and self.kubeconfig is not None
+        assert self.pki is not None
+        assert self.kubeconfig is not None
         kcm = ManagedProcess(
             "kube-controller-manager",
             [
@@ -246,17 +266,20 @@ class ControlPlane:
             if status not in (201, 409):
                 raise StartupError(f"Could not register fake node {node.name}: {status} {reply}")
         for node in nodes:
-            kwok.wait_ready(lambda name=node.name: self._node_ready(name), timeout=60)
-        kcm.wait_ready(lambda: self._default_service_account_exists(), timeout=60)
-        scheduler.wait_ready(lambda: scheduler.running(), timeout=5)
+            kwok.wait_ready(functools.partial(self._node_ready, node.name), timeout=60)
+        kcm.wait_ready(self._default_service_account_exists, timeout=60)
+        scheduler.wait_ready(scheduler.running, timeout=5)
         self.workloads_running = True
 
     def finish_pod(self, namespace: str, name: str, *, exit_code: int = 0, message: str = "") -> None:
         """Ends a running kwok pod as if its container exited with ``exit_code`` and wrote ``message``."""
         annotations = {EXIT_CODE_ANNOTATION: str(exit_code), MESSAGE_ANNOTATION: message}
-        status, reply = self.request("PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}",
-                                      {"metadata": {"annotations": annotations}},
-                                      content_type="application/merge-patch+json")
+        status, reply = self.request(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/pods/{name}",
+            {"metadata": {"annotations": annotations}},
+            content_type="application/merge-patch+json",
+        )
         if status != 200:
             raise RuntimeError(f"Could not finish pod {namespace}/{name}: {status} {reply}")
 

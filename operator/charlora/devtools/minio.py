@@ -46,8 +46,10 @@ class MinioServer:
                 str(self.toolbox.path("minio")),
                 "server",
                 str(self.workdir / "data"),
-                "--address", f"127.0.0.1:{port}",
-                "--console-address", f"127.0.0.1:{console_port}",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--console-address",
+                f"127.0.0.1:{console_port}",
                 "--quiet",
             ],
             self.workdir / "minio.log",
@@ -66,4 +68,3 @@ class MinioServer:
             self.process.stop()
         if not self.keep_files:
             shutil.rmtree(self.workdir, ignore_errors=True)
-

@@ -136,11 +136,18 @@ class Located:
     build_seconds: float | None = None
 
 
+def default_cache_dir() -> Path:
+    if override := os.environ.get(CACHE_DIR_ENV):
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "charlora"
+
+
 @dataclass
 class Toolbox:
     """Resolves tool names to binaries, building missing build groups on first use."""
 
-    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    cache_dir: Path = field(default_factory=default_cache_dir)
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     _found: dict[str, Located] = field(default_factory=dict)
 
@@ -180,13 +187,6 @@ class Toolbox:
         return Located(name, bin_dir / name, source, seconds)
 
 
-def default_cache_dir() -> Path:
-    if override := os.environ.get(CACHE_DIR_ENV):
-        return Path(override)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "charlora"
-
-
 def build_group(group: BuildGroup, bin_dir: Path) -> float:
     """Builds every binary of ``group`` into ``bin_dir``; returns the seconds it took."""
     go = shutil.which("go")
@@ -217,9 +217,19 @@ def build_group(group: BuildGroup, bin_dir: Path) -> float:
                 _run_go([go, "get", f"{group.module}@{group.version}"], workdir, env, log)
             staging = workdir / "out"
             _run_go(
-                [go, "build", "-trimpath", "-ldflags", " ".join(("-s", "-w", *group.ldflags)),
-                 "-o", f"{staging}/", *group.packages.values()],
-                workdir, env, log,
+                [
+                    go,
+                    "build",
+                    "-trimpath",
+                    "-ldflags",
+                    " ".join(("-s", "-w", *group.ldflags)),
+                    "-o",
+                    f"{staging}/",
+                    *group.packages.values(),
+                ],
+                workdir,
+                env,
+                log,
             )
             staging.mkdir(exist_ok=True)
             for binary, package in group.packages.items():
@@ -255,7 +265,11 @@ def local_replaces(go_mod_text: str, group: BuildGroup) -> list[tuple[str, str]]
 def _download_go_mod(go: str, group: BuildGroup, workdir: Path, env: Mapping[str, str]) -> str:
     out = subprocess.run(
         [go, "mod", "download", "-json", f"{group.module}@{group.version}"],
-        cwd=workdir, env=env, capture_output=True, text=True, check=False,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     match = re.search(r'"GoMod":\s*"([^"]+)"', out.stdout)
     if out.returncode != 0 or match is None:
