@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client as k8s
 
 from charlora.devtools.controlplane import ControlPlane
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.tools import Toolbox
-from tests.world import api_client_for, s3_client_for
+from tests.world import api_client_for, s3_client_for, wait_for
 
 KEEP_FILES = os.environ.get("CHARLORA_KEEP_TEST_WORLD") == "1"
+CRDS_DIR = Path(__file__).resolve().parent.parent / "crds"
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +48,36 @@ def workloads(control_plane: ControlPlane) -> ControlPlane:
 def kube(control_plane: ControlPlane) -> Iterator[k8s.ApiClient]:
     with api_client_for(control_plane) as api:
         yield api
+
+
+@pytest.fixture(scope="session")
+def crds_installed(kube: k8s.ApiClient) -> list[str]:
+    """Applies every CRD in crds/ (as generated) and waits until the apiserver serves them."""
+    ext = k8s.ApiextensionsV1Api(kube)
+    names = []
+    for path in sorted(CRDS_DIR.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        try:
+            ext.create_custom_resource_definition(crd)
+        except k8s.ApiException as err:
+            if err.status != 409:
+                raise
+            existing = ext.read_custom_resource_definition(crd["metadata"]["name"])
+            crd["metadata"]["resourceVersion"] = existing.metadata.resource_version
+            ext.replace_custom_resource_definition(crd["metadata"]["name"], crd)
+        names.append(crd["metadata"]["name"])
+
+    def established() -> bool:
+        return all(
+            any(
+                c.type == "Established" and c.status == "True"
+                for c in ext.read_custom_resource_definition(name).status.conditions or []
+            )
+            for name in names
+        )
+
+    wait_for(established, timeout=30, what="CRDs to be established")
+    return names
 
 
 @pytest.fixture
