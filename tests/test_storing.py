@@ -46,7 +46,7 @@ def test_write_read_list_delete(store_root: tuple[ObjectStore, str], tmp_path: P
     assert store.delete_prefix(f"{root}/ns/anna/v1/") == 2
     assert not store.exists(f"{root}/ns/anna/v1/manifest.json")
     assert store.read_bytes(f"{root}/ns/anna/v10/manifest.json") == b"{}"  # a sibling prefix survives
-    with pytest.raises(NotFound, match="ns/anna/v1/manifest.json does not exist"):
+    with pytest.raises(NotFound, match=r"ns/anna/v1/manifest\.json does not exist"):
         store.read_bytes(f"{root}/ns/anna/v1/manifest.json")
 
 
