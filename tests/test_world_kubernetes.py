@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import time
 import socket
+import time
 from typing import Any
 
 import pytest
