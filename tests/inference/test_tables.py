@@ -1,0 +1,133 @@
+"""The serving table's two live sources: a watched YAML file and a ConfigMap watch against the real apiserver."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+from kubernetes import client as k8s
+
+from charlora.api.serving import (
+    TABLE_ENTRY_KEY,
+    ServingEntry,
+    table_configmap_name,
+    table_labels,
+)
+from charlora_inference.tables import FileTableSource, KubernetesTableSource, ServingTable
+from tests.world import wait_for
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+
+
+def entry(
+    namespace: str, character: str, version: str = "v1", *, sha256: str = SHA_A, pinned: bool = False
+) -> ServingEntry:
+    return ServingEntry(
+        namespace=namespace,
+        character=character,
+        version=version,
+        artifact_uri=f"s3://bucket/loras/{namespace}/{character}/{version}/",
+        sha256=sha256,
+        pinned=pinned,
+        base_model_family="sd15",
+        base_model_version="tiny-sd15",
+    )
+
+
+def write_table(path: Path, entries: list[ServingEntry]) -> None:
+    path.write_text(yaml.safe_dump({"entries": [item.to_wire() for item in entries]}))
+
+
+def test_entry_paths_follow_the_artifact_layout() -> None:
+    final = entry("team", "anna", "v3")
+    assert final.lora_uri == "s3://bucket/loras/team/anna/v3/lora.diffusers.safetensors"
+    assert final.manifest_uri == "s3://bucket/loras/team/anna/v3/manifest.json"
+    assert final.model_copy(update={"epoch": 7}).lora_path == "epochs/e007.safetensors"
+    name = table_configmap_name(server="srv", namespace="team", character="anna" * 30)
+    assert len(name) <= 63
+    assert name == table_configmap_name(server="srv", namespace="team", character="anna" * 30)
+
+
+def test_file_source_applies_changes_and_keeps_the_last_good_table(tmp_path: Path) -> None:
+    path = tmp_path / "table.yaml"
+    write_table(path, [entry("team", "anna"), entry("other", "bob")])
+    table = ServingTable(allowed_namespaces=["team"])
+    changes: list[dict[str, ServingEntry | None]] = []
+    table.add_listener(changes.append)
+    source = FileTableSource(path, table, interval=0.05).start()
+    try:
+        assert [item.key for item in table.entries()] == ["team/anna"]  # "other" is not served here
+        assert table.synced.is_set()
+
+        started = time.monotonic()
+        write_table(path, [entry("team", "anna", "v2", sha256=SHA_B)])
+        wait_for(lambda: (got := table.get("team/anna")) is not None and got.version == "v2", timeout=5, what="v2")
+        assert time.monotonic() - started < 1.0
+        assert changes[-1] == {"team/anna": entry("team", "anna", "v2", sha256=SHA_B)}
+
+        path.write_text("entries: [{namespace: team}]")  # invalid: keeps serving v2
+        wait_for(lambda: source.last_error is not None, timeout=5, what="the parse error")
+        assert "character" in (source.last_error or "")
+        assert table.get("team/anna") == entry("team", "anna", "v2", sha256=SHA_B)
+
+        write_table(path, [])
+        wait_for(lambda: table.get("team/anna") is None, timeout=5, what="removal")
+        assert changes[-1] == {"team/anna": None}
+    finally:
+        source.stop()
+
+
+def _configmap(namespace: str, item: ServingEntry) -> k8s.V1ConfigMap:
+    return k8s.V1ConfigMap(
+        metadata=k8s.V1ObjectMeta(
+            name=table_configmap_name(server="srv", namespace=namespace, character=item.character),
+            labels=table_labels(server="srv", server_namespace="serving"),
+        ),
+        data={TABLE_ENTRY_KEY: json.dumps(item.to_wire())},
+    )
+
+
+def test_kubernetes_source_applies_each_change_within_a_second(kube: k8s.ApiClient, namespace: str) -> None:
+    core = k8s.CoreV1Api(kube)
+    anna = entry(namespace, "anna", pinned=True)
+    core.create_namespaced_config_map(namespace, _configmap(namespace, anna))
+    # A ConfigMap for another server and a malformed one: neither enters the table.
+    other = _configmap(namespace, entry(namespace, "zed"))
+    other.metadata.labels = table_labels(server="another", server_namespace="serving")
+    core.create_namespaced_config_map(namespace, other)
+    broken = _configmap(namespace, entry(namespace, "broken"))
+    broken.data = {TABLE_ENTRY_KEY: "{not json"}
+    core.create_namespaced_config_map(namespace, broken)
+
+    table = ServingTable()
+    source = KubernetesTableSource(kube, table, server="srv", server_namespace="serving").start()
+    try:
+        assert table.synced.wait(10)
+        assert table.get(anna.key) == anna
+        assert [item.key for item in table.entries() if item.namespace == namespace] == [anna.key]
+        assert any(key.endswith(broken.metadata.name) for key in source.skipped)
+
+        # Promotion: one small write to one object.
+        started = time.monotonic()
+        bob = entry(namespace, "bob", "v1")
+        core.create_namespaced_config_map(namespace, _configmap(namespace, bob))
+        promoted = anna.model_copy(update={"version": "v2", "sha256": SHA_B})
+        core.replace_namespaced_config_map(
+            _configmap(namespace, anna).metadata.name, namespace, _configmap(namespace, promoted)
+        )
+        wait_for(lambda: table.get(anna.key) == promoted and table.get(bob.key) == bob, timeout=5, what="the watch")
+        assert time.monotonic() - started < 1.0
+
+        # Rollback, then removal.
+        started = time.monotonic()
+        core.replace_namespaced_config_map(
+            _configmap(namespace, anna).metadata.name, namespace, _configmap(namespace, anna)
+        )
+        core.delete_namespaced_config_map(_configmap(namespace, bob).metadata.name, namespace)
+        wait_for(lambda: table.get(anna.key) == anna and table.get(bob.key) is None, timeout=5, what="rollback")
+        assert time.monotonic() - started < 1.0
+    finally:
+        source.stop()
