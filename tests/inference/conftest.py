@@ -1,0 +1,122 @@
+"""Fixtures of the inference tests: one tiny SD1.5-like base per session, LoRAs made by attaching a peft LoRA with
+random non-zero weights to its UNet, and versions published to a real MinIO bucket with a manifest."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
+
+from charlora.api.serving import ServingEntry
+from charlora.artifacts import LORA_DIFFUSERS, MANIFEST, Manifest, ManifestBaseModel, ManifestFile, VersionLocation
+from charlora.devtools.minio import MinioServer
+from charlora.devtools.tiny_models import build_tiny_pipeline
+from charlora.storing import S3Settings, open_store
+
+BASE_VERSION = "tiny-sd15-v0"
+
+
+def build_lora_bytes(base: Path, *, seed: int, rank: int = 4) -> bytes:
+    """A diffusers-format LoRA (``unet.`` keys, safetensors) for ``base`` with random non-zero weights."""
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")  # type: ignore[no-untyped-call]
+    unet.add_adapter(
+        LoraConfig(
+            r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))  # type: ignore[no-untyped-call]
+    out = base.parent / f"lora-{seed}"
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    return (out / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+@dataclass(frozen=True)
+class World:
+    """A tiny base model and LoRAs, plus a bucket to publish versions into."""
+
+    base: Path
+    loras: dict[int, bytes]
+    store_uri: str
+    s3: S3Settings
+
+    def publish(
+        self,
+        namespace: str,
+        character: str,
+        version: str,
+        *,
+        lora: bytes,
+        pinned: bool = False,
+        file_name: str = LORA_DIFFUSERS,
+        manifest_bytes: bytes | None = None,
+        base_version: str = BASE_VERSION,
+    ) -> ServingEntry:
+        """Uploads a version (LoRA + manifest listing its sha256) and returns the table entry serving it.
+
+        ``manifest_bytes`` overrides what the manifest records for the file (to publish a tampered version).
+        """
+        location = VersionLocation(self.store_uri, namespace, character, version)
+        store = open_store(location.uri, self.s3)
+        store.write_bytes(location.file(file_name), lora)
+        recorded = lora if manifest_bytes is None else manifest_bytes
+        sha256 = hashlib.sha256(recorded).hexdigest()
+        manifest = Manifest(
+            namespace=namespace,
+            character=character,
+            version=version,
+            base_model=ManifestBaseModel(family="sd15", uri=str(self.base), version=base_version),
+            files=[ManifestFile(path=file_name, sha256=sha256, size=len(recorded))],
+            created_at=datetime.datetime.now(datetime.UTC),
+        )
+        store.write_bytes(location.file(MANIFEST), manifest.model_dump_json(by_alias=True).encode())
+        return ServingEntry(
+            namespace=namespace,
+            character=character,
+            version=version,
+            artifact_uri=location.uri,
+            sha256=sha256,
+            pinned=pinned,
+            base_model_family="sd15",
+            base_model_version=base_version,
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_pipeline("sd15", tmp_path_factory.mktemp("base") / "sd15", seed=0)
+
+
+@pytest.fixture(scope="session")
+def lora_bytes(tiny_base: Path) -> dict[int, bytes]:
+    """Four distinct LoRAs for the tiny base, by seed."""
+    return {seed: build_lora_bytes(tiny_base, seed=seed) for seed in (1, 2, 3, 4)}
+
+
+@pytest.fixture
+def world(tiny_base: Path, lora_bytes: dict[int, bytes], minio: MinioServer, bucket: str) -> World:
+    settings = S3Settings(endpoint=minio.endpoint, access_key=minio.access_key, secret_key=minio.secret_key)
+    return World(tiny_base, lora_bytes, f"s3://{bucket}/loras", settings)
+
+
+def pickled_checkpoint() -> bytes:
+    """What a .ckpt is: a pickle, which can run code when loaded, so the server must never unpickle one."""
+    buffer = io.BytesIO()
+    torch.save({"lora_unet_x.lora_down.weight": torch.ones(2, 2)}, buffer)
+    return buffer.getvalue()
+
+
+Publish = Callable[..., ServingEntry]
