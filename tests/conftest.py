@@ -5,6 +5,7 @@ per test. Nothing here is mocked and nothing is downloaded at test time: the bin
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator
@@ -83,7 +84,7 @@ def crds_installed(kube: k8s.ApiClient) -> list[str]:
 @pytest.fixture
 def namespace(kube: k8s.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test, deleted afterwards."""
-    stem = request.node.name.lower().replace("_", "-")[:40].strip("-")
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
     name = f"{stem}-{secrets.token_hex(3)}"
     core = k8s.CoreV1Api(kube)
     core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))

@@ -362,6 +362,10 @@ class VersionState(StatusModel):
     epochs: list[int] = Field(default_factory=list, max_length=10000, description="Epoch checkpoints available.")
     grid_uri: str | None = Field(default=None, max_length=2048, description="The grid picture of the version.")
     reason: str | None = Field(default=None, max_length=32768, description="Why the version failed.")
+    bad_input: bool = Field(default=False, description="The trainer refused its input (dataset, base model).")
+    training_hash: str | None = Field(
+        default=None, max_length=64, description="Fingerprint of the training-relevant spec this version used."
+    )
 
 
 class CharacterLoRAStatus(StatusModel):
