@@ -1,12 +1,18 @@
-"""Session fixtures of the trainer tests: tiny random diffusers pipelines (built once, no downloads)."""
+"""Session fixtures of the trainer tests: tiny random diffusers pipelines (built once, no downloads), S3 settings
+for the real MinIO of the test world, and helpers to put generated datasets there."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from charlora.devtools.minio import MinioServer
 from charlora.devtools.tiny_models import build_tiny_pipeline
+from charlora.storing import S3Settings, open_store
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +23,65 @@ def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny") / "sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_settings(minio: MinioServer) -> S3Settings:
+    return S3Settings(endpoint=minio.endpoint, access_key=minio.access_key, secret_key=minio.secret_key)
+
+
+@pytest.fixture(scope="session")
+def s3_env(minio: MinioServer) -> dict[str, str]:
+    """The environment a trainer pod gets for the test MinIO."""
+    return {
+        "CHARLORA_S3_ENDPOINT": minio.endpoint,
+        "AWS_ACCESS_KEY_ID": minio.access_key,
+        "AWS_SECRET_ACCESS_KEY": minio.secret_key,
+    }
+
+
+@pytest.fixture
+def upload_dir(s3_settings: S3Settings, bucket: str) -> Callable[[Path, str], str]:
+    """Copies a local directory to s3://<bucket>/<prefix>/ and returns that URI."""
+
+    def upload(local: Path, prefix: str) -> str:
+        uri = f"s3://{bucket}/{prefix.strip('/')}/"
+        store = open_store(uri, s3_settings)
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            store.upload_file(uri + path.relative_to(local).as_posix(), path)
+        return uri
+
+    return upload
+
+
+def job_config(
+    *,
+    family: str,
+    model: Path | str,
+    dataset_uri: str,
+    output_uri: str,
+    training: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A TrainingJobConfig (wire form) for a 64 px tiny-model run."""
+    return {
+        "namespace": "team-a",
+        "character": "anna",
+        "version": "v1",
+        "baseModel": {"family": family, "uri": str(model), "version": "tiny-1"},
+        "dataset": {"uri": dataset_uri},
+        "training": {
+            "resolution": 64,
+            "mixedPrecision": "no",
+            "buckets": {"minResolution": 64},
+            **(training or {}),
+        },
+        "outputUri": output_uri,
+        "sampleSteps": 2,
+        **extra,
+    }
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(config))
+    return path

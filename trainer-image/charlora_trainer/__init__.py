@@ -2,3 +2,5 @@
 
 Runs as one GPU ``batch/v1`` Job per version (built into the image defined by ``trainer-image/Dockerfile``).
 """
+
+__version__ = "0.1.0"

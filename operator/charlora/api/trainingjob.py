@@ -27,3 +27,4 @@ class TrainingJobConfig(ApiModel):
     )
     checkpoint_every_steps: int = Field(default=200, ge=1, description="Save resume state every N steps.")
     progress_every_seconds: int = Field(default=5, ge=1, description="Rewrite progress.json this often.")
+    sample_steps: int = Field(default=25, ge=1, le=200, description="Denoising steps of each grid.png tile.")
