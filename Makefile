@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= operator,dev
+EXTRAS ?= operator,trainer,inference,dev
 PYTEST_ARGS ?=
 
 .PHONY: setup tools test lint bench-world
