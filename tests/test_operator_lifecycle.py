@@ -21,7 +21,8 @@ from charlora.building import build_training_job
 from charlora.config import OperatorConfig
 from charlora.devtools.controlplane import ControlPlane
 from charlora.devtools.minio import MinioServer
-from tests.operator_harness import OperatorProcess, version_uri, write_artifacts, write_progress
+from charlora.devtools.operating import OperatorProcess
+from tests.operator_harness import version_uri, write_artifacts, write_progress
 from tests.world import wait_for
 
 pytestmark = pytest.mark.workloads

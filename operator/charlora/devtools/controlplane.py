@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubernetes import client as k8s
+
 from charlora.devtools.pki import ControlPlanePKI, write_control_plane_pki
 from charlora.devtools.processes import ManagedProcess, StartupError, free_port, http_ok
 from charlora.devtools.tools import Toolbox
@@ -309,3 +311,17 @@ def _json_or_text(raw: bytes) -> dict[str, Any]:
     except ValueError:
         return {"text": raw.decode(errors="replace")}
     return value if isinstance(value, dict) else {"value": value}
+
+
+def api_client_for(plane: ControlPlane, *, token: str | None = None) -> k8s.ApiClient:
+    """An API client as the admin (client certificate) or, with ``token``, as whoever the token names."""
+    assert plane.pki is not None
+    config = k8s.Configuration()
+    config.host = plane.url
+    config.ssl_ca_cert = str(plane.pki.ca.cert)
+    if token is None:
+        config.cert_file = str(plane.pki.admin.cert)
+        config.key_file = str(plane.pki.admin.key)
+    else:
+        config.api_key = {"authorization": f"Bearer {token}"}
+    return k8s.ApiClient(config)

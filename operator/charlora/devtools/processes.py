@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -115,3 +116,14 @@ class ManagedProcess:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float = 60, what: str = "condition") -> Any:
+    """Polls ``condition`` until it returns something truthy, which it returns; fails the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
