@@ -272,6 +272,10 @@ class PipelineWorker:
             self._cond.notify()
         return future
 
+    def full(self) -> bool:
+        with self._cond:
+            return self._waiting_requests >= self.max_queue
+
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._waiting_requests)
