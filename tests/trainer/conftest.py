@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 
+from charlora.api.trainingjob import TrainingJobConfig
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.tiny_models import build_tiny_pipeline
 from charlora.storing import S3Settings, open_store
+from charlora_trainer.recipe import LoRARecipe
+from tests.trainer.datasets import write_kohya_dataset
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +88,33 @@ def job_config(
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(json.dumps(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def local_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 captioned 64 px images: 6 repeated twice, 6 once (18 samples per epoch). Read-only for the tests."""
+    return write_kohya_dataset(tmp_path_factory.mktemp("datasets") / "anna", folders={"2_anna": 6, "1_anna": 6})
+
+
+@pytest.fixture
+def make_recipe(tmp_path: Path, local_dataset: Path, tiny_sd15: Path, tiny_sdxl: Path) -> Callable[..., LoRARecipe]:
+    """A set-up recipe on the tiny model of ``family`` with the local dataset and a file:// output."""
+
+    def make(family: str = "sd15", logs: list[str] | None = None, **training: Any) -> LoRARecipe:
+        model = tiny_sd15 if family == "sd15" else tiny_sdxl
+        config = job_config(
+            family=family,
+            model=model,
+            dataset_uri=local_dataset.as_uri(),
+            output_uri=(tmp_path / f"out-{family}").as_uri(),
+            training=training,
+        )
+        recipe = LoRARecipe(
+            TrainingJobConfig.model_validate(config),
+            workdir=tmp_path / f"work-{family}",
+            log=(logs.append if logs is not None else lambda _: None),
+        )
+        recipe.setup()
+        return recipe
+
+    return make

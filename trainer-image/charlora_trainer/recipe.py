@@ -169,6 +169,8 @@ class LoRARecipe:
 
     def _add_adapters(self) -> None:
         base, spec = self.base, self.spec
+        # The LoRA A matrices start random: seed them, so equal configs give equal runs.
+        torch.manual_seed(spec.seed)
         for module in [base.unet, base.vae, *base.text_encoders]:
             module.requires_grad_(False)
         base.unet.add_adapter(
