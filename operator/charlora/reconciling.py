@@ -122,7 +122,14 @@ def reconcile_on_change(*, body: kopf.Body, patch: kopf.Patch, logger: Logger, m
     reconcile(body, patch=patch, logger=logger, runtime=memo.runtime)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=STARTUP_CONFIG.progress_interval_seconds, when=_has_unfinished_version)
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=STARTUP_CONFIG.progress_interval_seconds,
+    initial_delay=STARTUP_CONFIG.progress_interval_seconds,  # the change handler has just looked
+    when=_has_unfinished_version,
+)
 def reconcile_on_timer(*, body: kopf.Body, patch: kopf.Patch, logger: Logger, memo: Any, **_: Any) -> None:
     reconcile(body, patch=patch, logger=logger, runtime=memo.runtime)
 
@@ -145,13 +152,18 @@ def reconcile(body: kopf.Body, *, patch: kopf.Patch, logger: Logger, runtime: Ru
 def _reconcile(lora: CharacterLoRA, *, body: kopf.Body, patch: kopf.Patch, logger: Logger, runtime: Runtime) -> None:
     current_hash = training_hash(lora)
     versions = list(lora.status.versions)
+    just_created: dict[str, dict[str, Any]] = {}
     if not versions or versions[-1].training_hash != current_hash:
-        versions = _ensure_version(lora, versions, current_hash=current_hash, body=body, logger=logger, runtime=runtime)
+        versions, just_created = _ensure_version(
+            lora, versions, current_hash=current_hash, body=body, logger=logger, runtime=runtime
+        )
 
     progress: Progress | None = None
     for index, version in enumerate(versions):
         if version.state not in TERMINAL:
-            versions[index], progress = _observe(lora, version, body=body, logger=logger, runtime=runtime)
+            versions[index], progress = _observe(
+                lora, version, job=just_created.get(version.job_name), body=body, logger=logger, runtime=runtime
+            )
 
     served, serving_reason, serving_message = served_version(lora, versions)
     versions = _apply_retention(lora, versions, served=served, body=body, logger=logger, runtime=runtime)
@@ -190,10 +202,12 @@ def _ensure_version(
     body: kopf.Body,
     logger: Logger,
     runtime: Runtime,
-) -> list[VersionState]:
+) -> tuple[list[VersionState], dict[str, dict[str, Any]]]:
     """Creates the Job of the next version, or adopts it when a previous run created it but crashed before
-    recording it (deterministic names: never two Jobs for one version)."""
+    recording it (deterministic names: never two Jobs for one version). Also returns the Jobs as stored, so
+    they are observed without reading them again."""
     number = max((version_number(v.name) for v in versions), default=0) + 1
+    jobs: dict[str, dict[str, Any]] = {}
     while True:
         name = version_name(number)
         job = build_training_job(lora, version=name, config=runtime.config)
@@ -202,6 +216,7 @@ def _ensure_version(
         if lora.metadata.uid not in owners:
             raise ClusterError(f"Job {stored['metadata']['name']} exists but belongs to another object")
         job_hash = (stored["metadata"].get("annotations") or {}).get(TRAINING_HASH_ANNOTATION)
+        jobs[stored["metadata"]["name"]] = stored
         versions = [
             *versions,
             VersionState(
@@ -222,16 +237,24 @@ def _ensure_version(
         else:
             logger.info("Adopted existing Job %s as version %s", stored["metadata"]["name"], name)
         if job_hash == current_hash:
-            return versions
+            return versions, jobs
         number += 1
 
 
 def _observe(
-    lora: CharacterLoRA, version: VersionState, *, body: kopf.Body, logger: Logger, runtime: Runtime
+    lora: CharacterLoRA,
+    version: VersionState,
+    *,
+    job: dict[str, Any] | None,
+    body: kopf.Body,
+    logger: Logger,
+    runtime: Runtime,
 ) -> tuple[VersionState, Progress | None]:
+    """The version's new state from its Job (``job`` when the caller has just read it) and object storage."""
     namespace = lora.metadata.namespace or "default"
     location = version_location(lora, version.name, runtime.config)
-    job = runtime.cluster.read_job(namespace, version.job_name)
+    if job is None:
+        job = runtime.cluster.read_job(namespace, version.job_name)
     if job is None:
         failed = version.model_copy(
             update={
