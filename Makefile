@@ -1,5 +1,6 @@
-# Developer entry points. `make test` is the one command that runs the test suite on a fresh machine:
-# it creates .venv, installs the package with its extras, builds or locates the test world's tools, runs pytest.
+# Developer entry points. `make demo` runs the operator's lifecycle on a local test world and `make test` runs
+# the test suite, each on a fresh machine:
+# both create .venv, install the package with its extras and build or locate the test world's tools.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= operator,trainer,inference,dev
 PYTEST_ARGS ?=
 
-.PHONY: setup tools test lint bench-world
+.PHONY: setup tools test lint bench-world demo
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+demo: tools
+	$(PY) -m charlora.devtools demo
 
 bench-world: tools
 	$(PY) bench/world_startup.py

@@ -22,7 +22,7 @@ from charlora.config import OperatorConfig
 from charlora.devtools.controlplane import ControlPlane
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.operating import OperatorProcess
-from tests.operator_harness import version_uri, write_artifacts, write_progress
+from charlora.devtools.standin import version_uri, write_artifacts, write_progress
 from tests.world import wait_for
 
 pytestmark = pytest.mark.workloads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from charlora.devtools.tools import ALL_TOOLS, Toolbox, ToolError
 
@@ -15,13 +16,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Locate or build the binaries of the test world (etcd, kube-apiserver, "
         "kube-controller-manager, kube-scheduler, kubectl, kwok, helm, minio).",
         epilog="Example: python -m charlora.devtools ensure          # build what is missing, print paths\n"
-        "         python -m charlora.devtools ensure --only helm",
+        "         python -m charlora.devtools ensure --only helm\n"
+        "         python -m charlora.devtools demo            # the operator on a local test world",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     ensure = sub.add_parser("ensure", help="locate or build the tools and print where each one is")
     ensure.add_argument("--only", action="append", choices=ALL_TOOLS, help="only this tool (repeatable)")
+    sub.add_parser("demo", help="run the operator's lifecycle on a local test world and show kubectl's view")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from charlora.devtools.demo import run_demo  # noqa: PLC0415 - needs kubernetes and boto3
+
+        run_demo(Path(__file__).resolve().parents[3])
+        return 0
 
     toolbox = Toolbox()
     started = time.monotonic()

@@ -1,4 +1,5 @@
-"""Plays the trainer's side of the contract in operator tests: progress.json, artifacts, manifest.json."""
+"""A stand-in for the trainer in operator tests and the demo: writes progress.json, artifacts and manifest.json
+exactly where and how the trainer does, without training anything."""
 
 from __future__ import annotations
 
