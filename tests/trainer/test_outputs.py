@@ -38,7 +38,9 @@ def render(pipe: Any, *, scale: float = 4.0) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
-@pytest.mark.parametrize(("family", "text_encoder"), [("sd15", True), ("sdxl", True)], ids=["sd15", "sdxl"])
+@pytest.mark.parametrize(
+    ("family", "text_encoder"), [("sd15", False), ("sdxl", True)], ids=["sd15-unet", "sdxl-unet+te"]
+)
 def test_full_run_publishes_a_complete_version(
     family: str,
     text_encoder: bool,
@@ -72,9 +74,13 @@ def test_full_run_publishes_a_complete_version(
         checkpointEverySteps=4,
     )
     assert main(["--config", str(write_config(tmp_path / "train.json", config)), "--workdir", str(tmp_path / "w")]) == 0
-    store = open_store(output, s3_settings)
+    blobs = check_manifest(open_store(output, s3_settings), output, model)
+    lora_path = check_kohya(blobs, tmp_path, family=family, text_encoder=text_encoder)
+    check_loading_and_grid(blobs, tmp_path, model=model, lora_path=lora_path, family=family)
 
-    # The manifest lists every file with the checksum of what is really stored.
+
+def check_manifest(store: Any, output: str, model: Path) -> dict[str, bytes]:
+    """The manifest lists every file with the checksum of what is really stored; returns the files' bytes."""
     manifest = artifacts.Manifest.model_validate_json(store.read_bytes(output + artifacts.MANIFEST))
     stored = {info.uri.removeprefix(output): info.size for info in store.list(output)}
     expected = {"lint.json", "lora.safetensors", "lora.diffusers.safetensors", "grid.png"}
@@ -94,12 +100,16 @@ def test_full_run_publishes_a_complete_version(
     assert manifest.base_model.hashes["unet"] == hashlib.sha256(unet_weights.read_bytes()).hexdigest()
     progress = artifacts.ProgressReport.model_validate_json(store.read_bytes(output + artifacts.PROGRESS))
     assert (progress.phase, progress.step, progress.total_steps) == ("done", 18, 18)
+    return blobs
 
-    # Kohya format: key names, alpha, header.
+
+def check_kohya(blobs: dict[str, bytes], tmp_path: Path, *, family: str, text_encoder: bool) -> Path:
+    """Kohya format: key names, alpha, rank, header."""
     kohya = load(blobs["lora.safetensors"])
     assert all(KOHYA_KEY.match(key) for key in kohya), [k for k in kohya if not KOHYA_KEY.match(k)][:3]
     prefixes = {key.split("_", 2)[0] + "_" + key.split("_", 2)[1] for key in kohya}
-    assert prefixes == ({"lora_unet", "lora_te"} if family == "sd15" else {"lora_unet", "lora_te1", "lora_te2"})
+    text_prefixes = {"lora_te"} if family == "sd15" else {"lora_te1", "lora_te2"}
+    assert prefixes == ({"lora_unet"} | text_prefixes if text_encoder else {"lora_unet"})
     alphas = [float(t) for k, t in kohya.items() if k.endswith(".alpha")]
     assert alphas == [16.0] * len(alphas)
     assert len(alphas) * 3 == len(kohya)
@@ -114,8 +124,13 @@ def test_full_run_publishes_a_complete_version(
     assert (header["ss_epoch"], header["ss_steps"], header["ss_num_train_images"]) == ("2", "18", "12")
     assert header["modelspec.architecture"].endswith("/lora")
     assert header["ss_sd_model_version"] == "tiny-1"
+    return lora_path
 
-    # The diffusers file loads on the same pipeline and changes its output; the kohya file gives the same output.
+
+def check_loading_and_grid(
+    blobs: dict[str, bytes], tmp_path: Path, *, model: Path, lora_path: Path, family: str
+) -> None:
+    """The diffusers file loads on the same pipeline and changes its output; the kohya file gives the same output."""
     pipeline_class: Any = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
     pipe = pipeline_class.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
