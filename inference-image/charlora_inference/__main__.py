@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Literal
 
+import torch
 import uvicorn
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -52,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--disk-cache-mb", type=int, default=20480)
     parser.add_argument("--max-queue", type=int, default=32)
     parser.add_argument("--max-images", type=int, default=8)
+    parser.add_argument("--torch-threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.api_keys is None and not args.allow_anonymous:
         parser.error("give --api-keys, or --allow-anonymous for a local run")
@@ -61,14 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _cuda() -> bool:
-    import torch  # noqa: PLC0415 - only to pick the default device
-
     return bool(torch.cuda.is_available())
 
 
 def _family(base: Path) -> Literal["sd15", "sdxl"]:
-    import json  # noqa: PLC0415
-
     class_name = json.loads((base / "model_index.json").read_text()).get("_class_name", "")
     return "sdxl" if "XL" in class_name else "sd15"
 
@@ -76,6 +75,8 @@ def _family(base: Path) -> Literal["sd15", "sdxl"]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     freeu = FreeU(*(float(part) for part in args.freeu.split(","))) if args.freeu else None
     settings = ServerSettings(
         base_dir=args.base,

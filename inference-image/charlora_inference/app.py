@@ -258,7 +258,11 @@ def build_app(server: InferenceServer, *, tenants: Tenants | None) -> FastAPI:
             except QueueFull as err:
                 metrics.rejected.labels(status="429").inc()
                 raise HTTPException(429, detail=str(err), headers={"Retry-After": "1"}) from err
-            images = await asyncio.wrap_future(future)
+            try:
+                images = await asyncio.wrap_future(future)
+            except LoRARefused as err:
+                metrics.rejected.labels(status="409").inc()
+                raise HTTPException(409, detail=f"LoRA refused: {err}") from err
             pngs = await run_in_threadpool(
                 lambda: [encode_png(image, provenance(server, job, index)) for index, image in enumerate(images)]
             )

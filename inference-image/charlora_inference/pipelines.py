@@ -8,6 +8,7 @@ active adapter and scale on the (cached) list of LoRA layers: no weights move.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -30,7 +31,7 @@ from diffusers.utils import logging as diffusers_logging
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
-from charlora_inference.loras import BaseModel, FetchedLoRA
+from charlora_inference.loras import BaseModel, FetchedLoRA, LoRARefused
 from charlora_inference.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,14 @@ class AdapterSet:
         self._evict_for(name)
         started = time.perf_counter()
         # diffusers converts kohya and PEFT keys alike; a copy keeps the CPU tier's tensors untouched.
-        self.pipe.load_lora_weights(dict(lora.state_dict), adapter_name=name)
+        try:
+            self.pipe.load_lora_weights(dict(lora.state_dict), adapter_name=name)
+        except Exception as err:
+            # Keys that match no module of this base, or shapes that do not fit: the file is no LoRA for this base.
+            with contextlib.suppress(Exception):
+                self.pipe.delete_adapters(name)
+            self._refresh_layers()
+            raise LoRARefused(f"{lora.entry.key} {lora.entry.version}: does not fit the base model ({err})") from err
         self.resident[name] = lora.entry.sha256
         self.active = None
         self._refresh_layers()

@@ -9,15 +9,25 @@ import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import save as safetensors_bytes
 
 from charlora.api.serving import ServingEntry
-from charlora.artifacts import LORA_DIFFUSERS, MANIFEST, Manifest, ManifestBaseModel, ManifestFile, VersionLocation
+from charlora.artifacts import (
+    LORA_DIFFUSERS,
+    MANIFEST,
+    Manifest,
+    ManifestBaseModel,
+    ManifestFile,
+    VersionLocation,
+    epoch_file,
+)
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.tiny_models import build_tiny_pipeline
 from charlora.storing import S3Settings, open_store
@@ -25,8 +35,9 @@ from charlora.storing import S3Settings, open_store
 BASE_VERSION = "tiny-sd15-v0"
 
 
-def build_lora_bytes(base: Path, *, seed: int, rank: int = 4) -> bytes:
-    """A diffusers-format LoRA (``unet.`` keys, safetensors) for ``base`` with random non-zero weights."""
+def build_lora_bytes(base: Path, *, seed: int, rank: int = 4, kohya: bool = False) -> bytes:
+    """A LoRA for ``base`` with random non-zero weights, as safetensors: diffusers keys (``unet.``...), or with
+    ``kohya`` the same weights under kohya keys (``lora_unet_...``), as the trainer writes epoch checkpoints."""
     unet = UNet2DConditionModel.from_pretrained(base / "unet")  # type: ignore[no-untyped-call]
     unet.add_adapter(
         LoraConfig(
@@ -38,6 +49,13 @@ def build_lora_bytes(base: Path, *, seed: int, rank: int = 4) -> bytes:
         for name, parameter in unet.named_parameters():
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    if kohya:
+        layers = convert_state_dict_to_kohya(get_peft_model_state_dict(unet))  # type: ignore[no-untyped-call]
+        # diffusers' converter prefixes the lora_down/lora_up keys with lora_unet_ but not the .alpha keys.
+        kohya_keys = {
+            key if key.startswith("lora_unet_") else f"lora_unet_{key}": value for key, value in layers.items()
+        }
+        return safetensors_bytes({key: value.contiguous() for key, value in kohya_keys.items()})
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))  # type: ignore[no-untyped-call]
     out = base.parent / f"lora-{seed}"
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
@@ -64,22 +82,33 @@ class World:
         file_name: str = LORA_DIFFUSERS,
         manifest_bytes: bytes | None = None,
         base_version: str = BASE_VERSION,
+        epochs: dict[int, bytes] | None = None,
+        serve_epoch: int | None = None,
+        family: Literal["sd15", "sdxl"] = "sd15",
     ) -> ServingEntry:
         """Uploads a version (LoRA + manifest listing its sha256) and returns the table entry serving it.
 
-        ``manifest_bytes`` overrides what the manifest records for the file (to publish a tampered version).
+        ``manifest_bytes`` overrides what the manifest records for the file (to publish a tampered version);
+        ``epochs`` adds epoch checkpoints, and ``serve_epoch`` makes the entry serve one of them.
         """
         location = VersionLocation(self.store_uri, namespace, character, version)
         store = open_store(location.uri, self.s3)
         store.write_bytes(location.file(file_name), lora)
         recorded = lora if manifest_bytes is None else manifest_bytes
         sha256 = hashlib.sha256(recorded).hexdigest()
+        files = [ManifestFile(path=file_name, sha256=sha256, size=len(recorded))]
+        for epoch, data in (epochs or {}).items():
+            store.write_bytes(location.file(epoch_file(epoch)), data)
+            files.append(ManifestFile(path=epoch_file(epoch), sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+        if serve_epoch is not None:
+            sha256 = next(item.sha256 for item in files if item.path == epoch_file(serve_epoch))
         manifest = Manifest(
             namespace=namespace,
             character=character,
             version=version,
-            base_model=ManifestBaseModel(family="sd15", uri=str(self.base), version=base_version),
-            files=[ManifestFile(path=file_name, sha256=sha256, size=len(recorded))],
+            base_model=ManifestBaseModel(family=family, uri=str(self.base), version=base_version),
+            files=files,
+            epochs=sorted(epochs or {}),
             created_at=datetime.datetime.now(datetime.UTC),
         )
         store.write_bytes(location.file(MANIFEST), manifest.model_dump_json(by_alias=True).encode())
@@ -87,10 +116,11 @@ class World:
             namespace=namespace,
             character=character,
             version=version,
+            epoch=serve_epoch,
             artifact_uri=location.uri,
             sha256=sha256,
             pinned=pinned,
-            base_model_family="sd15",
+            base_model_family=family,
             base_model_version=base_version,
         )
 
@@ -114,6 +144,12 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lora_bytes(tiny_base: Path) -> dict[int, bytes]:
     """Four distinct LoRAs for the tiny base, by seed."""
     return {seed: build_lora_bytes(tiny_base, seed=seed) for seed in (1, 2, 3, 4)}
+
+
+@pytest.fixture(scope="session")
+def kohya_lora(tiny_base: Path) -> bytes:
+    """LoRA 1's weights under kohya keys."""
+    return build_lora_bytes(tiny_base, seed=1, kohya=True)
 
 
 @pytest.fixture

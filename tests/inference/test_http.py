@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -10,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save as safetensors_bytes
 
 from charlora_inference.pipelines import FreeU
 from tests.inference.conftest import BASE_VERSION, World
@@ -136,7 +139,10 @@ def test_errors_name_the_reason_and_are_never_500(world: World, start: Start) ->
     # The manifest records LoRA 4 (never fetched: the caches are content-addressed, so a cached copy of the genuine
     # bytes would rightly be served), but the bucket holds LoRA 3.
     tampered = world.publish("team", "tampered", "v1", lora=world.loras[3], manifest_bytes=world.loras[4])
-    running = start([anna, zed, tampered])
+    junk = world.publish(
+        "team", "junk", "v1", lora=safetensors_bytes({"unet.nothing.lora.down.weight": torch.ones(2, 2)})
+    )
+    running = start([anna, zed, tampered, junk])
     running.wait_ready()
 
     assert running.post(request(), key=None).status == 401
@@ -167,8 +173,13 @@ def test_errors_name_the_reason_and_are_never_500(world: World, start: Start) ->
     refused = running.post(request("team/tampered"))
     assert refused.status == 409
     assert "sha256" in refused.json()["detail"]
+    # Valid safetensors, but no LoRA for this base: refused when it is injected, still no 500.
+    not_a_lora = running.post(request("team/junk"))
+    assert not_a_lora.status == 409
+    assert "does not fit the base model" in not_a_lora.json()["detail"]
+    assert running.post(request()).status == 200  # and the pipeline still serves
     visible = {row["character"] for row in running.get("/v1/characters", key="team-key").json()["characters"]}
-    assert visible == {"team/anna", "team/tampered"}
+    assert visible == {"team/anna", "team/tampered", "team/junk"}
 
 
 def test_full_queue_answers_429(world: World, start: Start) -> None:
@@ -257,3 +268,17 @@ def test_metrics_move(world: World, start: Start) -> None:
     assert running.metric("charlora_requests_rejected_total", status="404") == 1
     assert running.metric("charlora_queue_depth") == 0
     assert running.metric("charlora_requests_in_progress") == 0
+
+
+def test_epoch_checkpoint_with_kohya_keys_is_served(world: World, kohya_lora: bytes, start: Start) -> None:
+    # The trainer writes epoch checkpoints with kohya keys; LoRA 1 under kohya keys must draw what LoRA 1 draws.
+    epoch = world.publish("team", "anna", "v1", lora=world.loras[1], epochs={2: kohya_lora}, serve_epoch=2)
+    final = epoch.model_copy(update={"epoch": None, "sha256": hashlib.sha256(world.loras[1]).hexdigest()})
+    running = start([final])
+    running.wait_ready()
+    final_image = running.post(request()).images()[0]
+    running.set_table([epoch])
+    reply = running.post(request())
+    assert reply.json()["epoch"] == 2
+    assert reply.png_text()["lora_epoch"] == "2"
+    np.testing.assert_array_equal(reply.images()[0], final_image)
