@@ -1,4 +1,4 @@
-"""The ``charlora`` command line: run the operator (more subcommands arrive with the trainer and the server)."""
+"""The ``charlora`` command line: ``operator``, ``train`` (the trainer, run locally) and ``serve`` (the server)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,26 @@ def _run_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_trainer(rest: list[str]) -> int:
+    from charlora_trainer.__main__ import main as trainer_main
+
+    return trainer_main(rest)
+
+
+def _run_server(rest: list[str]) -> int:
+    from charlora_inference.__main__ import main as server_main
+
+    return server_main(rest)
+
+
+# Subcommands that own their whole argument list (their --help is their own).
+PASS_THROUGH = {"train": _run_trainer, "serve": _run_server}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASS_THROUGH:
+        return PASS_THROUGH[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="charlora", description="Character LoRAs on Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
     op = sub.add_parser(
@@ -44,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0 disables)")
     op.add_argument("--verbose", action="store_true")
     op.set_defaults(run=_run_operator)
+    # Listed for --help only: main() hands their arguments to the trainer and the server untouched.
+    sub.add_parser("train", help="train one version locally, as the training Job does: charlora train --config F")
+    sub.add_parser("serve", help="run the inference server: charlora serve --base DIR --table table.yaml")
     args = parser.parse_args(argv)
     return int(args.run(args))
 
