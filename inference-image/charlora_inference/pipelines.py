@@ -90,6 +90,8 @@ class AdapterSet:
     resident: OrderedDict[str, str] = field(default_factory=OrderedDict)
     """adapter name -> sha256, least recently used first."""
     active: tuple[str, float] | None = None
+    snapshot: frozenset[str] = frozenset()
+    """The resident names, replaced (never mutated) by the worker, for other threads to read."""
     _layers: list[BaseTunerLayer] = field(default_factory=list)
 
     def _components(self) -> list[Any]:
@@ -124,6 +126,7 @@ class AdapterSet:
             self._refresh_layers()
             raise LoRARefused(f"{lora.entry.key} {lora.entry.version}: does not fit the base model ({err})") from err
         self.resident[name] = lora.entry.sha256
+        self.snapshot = frozenset(self.resident)
         self.active = None
         self._refresh_layers()
         if self.metrics is not None:
@@ -138,8 +141,9 @@ class AdapterSet:
             victim = unpinned.pop(0)
             self.pipe.delete_adapters(victim)
             del self.resident[victim]
-            if self.active is not None and self.active[0] == victim:
-                self.active = None
+            self.snapshot = frozenset(self.resident)
+            # peft re-points layers whose active adapter was deleted: re-activate before the next use.
+            self.active = None
             if self.metrics is not None:
                 self.metrics.evictions.inc()
             log.info("Evicted adapter %s to make room for %s", victim, incoming)

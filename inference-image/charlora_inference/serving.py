@@ -111,7 +111,7 @@ class InferenceServer:
         assert self.pipeline is not None
         assert self.pipeline.adapters is not None
         assert self.fetcher is not None
-        if adapter_name(entry.sha256) in list(self.pipeline.adapters.resident):
+        if adapter_name(entry.sha256) in self.pipeline.adapters.snapshot:
             return "gpu"
         return self.fetcher.where(entry)
 

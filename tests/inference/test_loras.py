@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from charlora_inference.loras import BaseModel, FetchedLoRA, LoRAFetcher, LoRARefused, parse_lora_file
 from charlora_inference.metrics import Metrics
@@ -221,3 +222,27 @@ def test_worker_queue_is_bounded() -> None:
     worker.submit(lambda: None, request=False)  # internal tasks (preloads) are not bounded
     gate.set()
     worker.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batch_invariance_and_switching_on_cuda(world: World, tmp_path: Path, tiny_base: Path) -> None:
+    # On a GPU, batched kernels differ most by batch shape: image 0 of n = 4 must still be bitwise image 0 of n = 1.
+    tiers = fetcher(world, tmp_path)
+    anna = tiers.fetch(world.publish("team", "anna", "v1", lora=world.loras[1]))
+    bob = tiers.fetch(world.publish("team", "bob", "v1", lora=world.loras[2]))
+    pipeline = BasePipeline(
+        path=tiny_base,
+        base=BASE,
+        device="cuda",
+        dtype="float16",
+        scheduler_name="euler",
+        resident_slots=2,
+        is_pinned=lambda sha: False,
+    ).load()
+    single = pixels(pipeline.generate(job(anna))[0])
+    batch = [pixels(image) for image in pipeline.generate(job(anna, n=4))]
+    np.testing.assert_array_equal(batch[0], single)
+    np.testing.assert_array_equal(batch[2], pixels(pipeline.generate(job(anna, seed=9))[0]))
+    pipeline.generate(job(bob))
+    np.testing.assert_array_equal(pixels(pipeline.generate(job(anna))[0]), single)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -129,5 +130,32 @@ def test_kubernetes_source_applies_each_change_within_a_second(kube: k8s.ApiClie
         core.delete_namespaced_config_map(_configmap(namespace, bob).metadata.name, namespace)
         wait_for(lambda: table.get(anna.key) == anna and table.get(bob.key) is None, timeout=5, what="rollback")
         assert time.monotonic() - started < 1.0
+    finally:
+        source.stop()
+
+
+def test_kubernetes_source_with_many_characters(kube: k8s.ApiClient, namespace: str) -> None:
+    # One small object per character: 500 here (10,000 in production) and a change to one still arrives at once.
+    core = k8s.CoreV1Api(kube)
+    entries = [entry(namespace, f"c{index:04d}") for index in range(500)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda item: core.create_namespaced_config_map(namespace, _configmap(namespace, item)), entries))
+    table = ServingTable(allowed_namespaces=[namespace])
+    started = time.monotonic()
+    source = KubernetesTableSource(kube, table, server="srv", server_namespace="serving").start()
+    try:
+        assert table.synced.wait(30)
+        assert len(table.entries()) == 500
+        listed_in = time.monotonic() - started
+        assert listed_in < 10, listed_in
+
+        started = time.monotonic()
+        changed = entries[321].model_copy(update={"version": "v2", "sha256": SHA_B})
+        core.replace_namespaced_config_map(
+            _configmap(namespace, changed).metadata.name, namespace, _configmap(namespace, changed)
+        )
+        wait_for(lambda: table.get(changed.key) == changed, timeout=5, what="the change")
+        assert time.monotonic() - started < 1.0
+        assert len(table.entries()) == 500
     finally:
         source.stop()
