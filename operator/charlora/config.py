@@ -35,12 +35,9 @@ class OperatorConfig(BaseModel):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if env is None else env
-        values: dict[str, str] = {}
-        for name in cls.model_fields:
-            key = f"CHARLORA_{name.upper()}"
-            if key in env:
-                values[name] = env[key]
+        values: dict[str, str | None] = {
+            name: env[f"CHARLORA_{name.upper()}"] for name in cls.model_fields if f"CHARLORA_{name.upper()}" in env
+        }
         if values.get("credentials_secret") == "":
-            values.pop("credentials_secret")
-            return cls.model_validate({**values, "credentials_secret": None})
+            values["credentials_secret"] = None  # set but empty: Jobs and the operator use ambient credentials
         return cls.model_validate(values)
