@@ -212,6 +212,77 @@ def describe(server: InferenceServer, caller: ApiKey | None) -> dict[str, Any]:
     }
 
 
+async def run_generation(server: InferenceServer, body: GenerationRequest, caller: ApiKey | None) -> Response:
+    """Admits a request (limits, namespace, table row, queue), runs it on the pipeline worker, encodes the PNGs."""
+    metrics = server.metrics
+    check_limits(server, body)
+    entry = resolve(server, caller, body.character)
+    if not server.ready.is_set():
+        raise HTTPException(503, detail="not ready: " + "; ".join(server.waiting_for))
+    assert server.worker is not None
+    assert server.pipeline is not None
+    if server.worker.full():
+        metrics.rejected.labels(status="429").inc()
+        raise HTTPException(429, detail="the request queue is full; retry later", headers={"Retry-After": "1"})
+    metrics.in_progress.inc()
+    try:
+        lora = await fetch_lora(server, entry, body.version)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+        job = GenerationJob(
+            lora=lora,
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            n=body.n,
+            width=body.width,
+            height=body.height,
+            steps=body.steps,
+            cfg_scale=body.cfg_scale,
+            seed=seed,
+            lora_scale=body.lora_scale,
+            freeu=pick_freeu(server, body.freeu),
+        )
+        pipeline = server.pipeline
+        try:
+            future = server.worker.submit(lambda: pipeline.generate(job))
+        except QueueFull as err:
+            metrics.rejected.labels(status="429").inc()
+            raise HTTPException(429, detail=str(err), headers={"Retry-After": "1"}) from err
+        try:
+            images = await asyncio.wrap_future(future)
+        except LoRARefused as err:
+            metrics.rejected.labels(status="409").inc()
+            raise HTTPException(409, detail=f"LoRA refused: {err}") from err
+        pngs = await run_in_threadpool(
+            lambda: [encode_png(image, provenance(server, job, index)) for index, image in enumerate(images)]
+        )
+    finally:
+        metrics.in_progress.dec()
+    served = job.lora.entry
+    headers = {
+        "X-Charlora-Character": served.key,
+        "X-Charlora-Version": served.version,
+        "X-Charlora-Seed": str(seed),
+        "X-Charlora-Scheduler": pipeline.scheduler_class,
+    }
+    if body.response_format == "png":
+        return Response(content=pngs[0], media_type="image/png", headers=headers)
+    return JSONResponse(
+        {
+            "created": int(time.time()),
+            "character": served.key,
+            "version": served.version,
+            "epoch": served.epoch,
+            "sha256": served.sha256,
+            "seed": seed,
+            "scheduler": pipeline.scheduler_class,
+            "data": [
+                {"b64_json": base64.b64encode(png).decode(), "seed": seed + index} for index, png in enumerate(pngs)
+            ],
+        },
+        headers=headers,
+    )
+
+
 def build_app(server: InferenceServer, *, tenants: Tenants | None) -> FastAPI:
     """The FastAPI app around a started ``InferenceServer``. ``tenants=None`` disables keys (local runs only)."""
     app = FastAPI(
@@ -226,73 +297,13 @@ def build_app(server: InferenceServer, *, tenants: Tenants | None) -> FastAPI:
     @app.post("/v1/images/generations", response_model=None)
     async def generate(body: GenerationRequest, caller: Caller) -> Response:
         started = time.perf_counter()
-        check_limits(server, body)
-        entry = resolve(server, caller, body.character)
-        if not server.ready.is_set():
-            raise HTTPException(503, detail="not ready: " + "; ".join(server.waiting_for))
-        assert server.worker is not None
-        assert server.pipeline is not None
-        if server.worker.full():
-            metrics.rejected.labels(status="429").inc()
-            raise HTTPException(429, detail="the request queue is full; retry later", headers={"Retry-After": "1"})
-        metrics.in_progress.inc()
         try:
-            lora = await fetch_lora(server, entry, body.version)
-            seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-            job = GenerationJob(
-                lora=lora,
-                prompt=body.prompt,
-                negative_prompt=body.negative_prompt,
-                n=body.n,
-                width=body.width,
-                height=body.height,
-                steps=body.steps,
-                cfg_scale=body.cfg_scale,
-                seed=seed,
-                lora_scale=body.lora_scale,
-                freeu=pick_freeu(server, body.freeu),
-            )
-            pipeline = server.pipeline
-            try:
-                future = server.worker.submit(lambda: pipeline.generate(job))
-            except QueueFull as err:
-                metrics.rejected.labels(status="429").inc()
-                raise HTTPException(429, detail=str(err), headers={"Retry-After": "1"}) from err
-            try:
-                images = await asyncio.wrap_future(future)
-            except LoRARefused as err:
-                metrics.rejected.labels(status="409").inc()
-                raise HTTPException(409, detail=f"LoRA refused: {err}") from err
-            pngs = await run_in_threadpool(
-                lambda: [encode_png(image, provenance(server, job, index)) for index, image in enumerate(images)]
-            )
-        finally:
-            metrics.in_progress.dec()
+            response = await run_generation(server, body, caller)
+        except HTTPException as err:
+            metrics.request_seconds.labels(status=str(err.status_code)).observe(time.perf_counter() - started)
+            raise
         metrics.request_seconds.labels(status="200").observe(time.perf_counter() - started)
-        served = job.lora.entry
-        headers = {
-            "X-Charlora-Character": served.key,
-            "X-Charlora-Version": served.version,
-            "X-Charlora-Seed": str(seed),
-            "X-Charlora-Scheduler": pipeline.scheduler_class,
-        }
-        if body.response_format == "png":
-            return Response(content=pngs[0], media_type="image/png", headers=headers)
-        return JSONResponse(
-            {
-                "created": int(time.time()),
-                "character": served.key,
-                "version": served.version,
-                "epoch": served.epoch,
-                "sha256": served.sha256,
-                "seed": seed,
-                "scheduler": pipeline.scheduler_class,
-                "data": [
-                    {"b64_json": base64.b64encode(png).decode(), "seed": seed + index} for index, png in enumerate(pngs)
-                ],
-            },
-            headers=headers,
-        )
+        return response
 
     @app.get("/v1/characters")
     async def characters(caller: Caller) -> dict[str, Any]:

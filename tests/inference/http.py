@@ -25,7 +25,7 @@ from charlora.storing import S3Settings
 from charlora_inference.app import build_app
 from charlora_inference.pipelines import FreeU
 from charlora_inference.serving import InferenceServer, ServerSettings
-from charlora_inference.tables import FileTableSource, ServingTable
+from charlora_inference.tables import FileTableSource, KubernetesTableSource, ServingTable
 from charlora_inference.tenants import Tenants, hash_key
 
 KEYS = {"team-key": ["team"], "other-key": ["other"], "admin-key": ["*"]}
@@ -76,7 +76,7 @@ class RunningServer:
     url: str
     server: InferenceServer
     table_path: Path
-    source: FileTableSource
+    source: FileTableSource | KubernetesTableSource
     _uvicorn: uvicorn.Server
     _thread: threading.Thread
     entries: dict[str, ServingEntry] = field(default_factory=dict)
@@ -131,7 +131,10 @@ def start_server(
     resident_slots: int = 4,
     max_queue: int = 16,
     freeu_default: FreeU | None = None,
+    kube: Any = None,
 ) -> RunningServer:
+    """Starts a server; with ``kube`` (an API client) the table comes from the ConfigMap watch for server ``srv``
+    in namespace ``serving`` instead of the table file."""
     workdir.mkdir(parents=True, exist_ok=True)
     keys_path = workdir / "keys.yaml"
     keys_path.write_text(
@@ -160,7 +163,11 @@ def start_server(
     )
     table = ServingTable()
     server = InferenceServer(settings, table).start()
-    source = FileTableSource(table_path, table, interval=0.05).start()
+    source: FileTableSource | KubernetesTableSource
+    if kube is None:
+        source = FileTableSource(table_path, table, interval=0.05).start()
+    else:
+        source = KubernetesTableSource(kube, table, server="srv", server_namespace="serving").start()
     app = build_app(server, tenants=Tenants.from_file(keys_path))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -12,11 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from kubernetes import client as k8s
 from safetensors.torch import save as safetensors_bytes
 
 from charlora_inference.pipelines import FreeU
 from tests.inference.conftest import BASE_VERSION, World
 from tests.inference.http import Reply, RunningServer, decode_png, start_server
+from tests.inference.test_tables import configmap as table_configmap
 
 Start = Callable[..., RunningServer]
 
@@ -266,6 +268,7 @@ def test_metrics_move(world: World, start: Start) -> None:
     assert running.metric("charlora_adapter_switch_seconds_count") >= 4
     assert running.metric("charlora_lora_cache_lookups_total", tier="cpu", result="hit") >= 2
     assert running.metric("charlora_requests_rejected_total", status="404") == 1
+    assert running.metric("charlora_request_seconds_count", status="404") == 1
     assert running.metric("charlora_queue_depth") == 0
     assert running.metric("charlora_requests_in_progress") == 0
 
@@ -282,3 +285,29 @@ def test_epoch_checkpoint_with_kohya_keys_is_served(world: World, kohya_lora: by
     assert reply.json()["epoch"] == 2
     assert reply.png_text()["lora_epoch"] == "2"
     np.testing.assert_array_equal(reply.images()[0], final_image)
+
+
+def test_rollback_through_the_kubernetes_table(world: World, start: Start, kube: k8s.ApiClient, namespace: str) -> None:
+    v1 = world.publish(namespace, "anna", "v1", lora=world.loras[1], pinned=True)
+    v2 = world.publish(namespace, "anna", "v2", lora=world.loras[2], pinned=True)
+    core = k8s.CoreV1Api(kube)
+    core.create_namespaced_config_map(namespace, table_configmap(namespace, v2))
+    running = start([], kube=kube)
+    running.wait_ready()
+    body = request(f"{namespace}/anna")
+    promoted = running.post(body, key="admin-key")
+    assert promoted.json()["version"] == "v2"
+
+    started = time.monotonic()
+    core.replace_namespaced_config_map(
+        table_configmap(namespace, v1).metadata.name, namespace, table_configmap(namespace, v1)
+    )
+    while running.server.table.get(v1.key) != v1:
+        assert time.monotonic() - started < 1.0, "the rollback did not arrive within a second"
+        time.sleep(0.01)
+    rolled_back = running.post(body, key="admin-key")
+    assert rolled_back.json()["version"] == "v1"
+    np.testing.assert_array_equal(
+        rolled_back.images()[0], running.post(body | {"version": "v1"}, key="admin-key").images()[0]
+    )
+    assert np.abs(rolled_back.images()[0].astype(int) - promoted.images()[0].astype(int)).max() > 10

@@ -81,7 +81,8 @@ def test_file_source_applies_changes_and_keeps_the_last_good_table(tmp_path: Pat
         source.stop()
 
 
-def _configmap(namespace: str, item: ServingEntry) -> k8s.V1ConfigMap:
+def configmap(namespace: str, item: ServingEntry) -> k8s.V1ConfigMap:
+    """The table ConfigMap of ``item`` for server ``srv`` in namespace ``serving``."""
     return k8s.V1ConfigMap(
         metadata=k8s.V1ObjectMeta(
             name=table_configmap_name(server="srv", namespace=namespace, character=item.character),
@@ -94,12 +95,12 @@ def _configmap(namespace: str, item: ServingEntry) -> k8s.V1ConfigMap:
 def test_kubernetes_source_applies_each_change_within_a_second(kube: k8s.ApiClient, namespace: str) -> None:
     core = k8s.CoreV1Api(kube)
     anna = entry(namespace, "anna", pinned=True)
-    core.create_namespaced_config_map(namespace, _configmap(namespace, anna))
+    core.create_namespaced_config_map(namespace, configmap(namespace, anna))
     # A ConfigMap for another server and a malformed one: neither enters the table.
-    other = _configmap(namespace, entry(namespace, "zed"))
+    other = configmap(namespace, entry(namespace, "zed"))
     other.metadata.labels = table_labels(server="another", server_namespace="serving")
     core.create_namespaced_config_map(namespace, other)
-    broken = _configmap(namespace, entry(namespace, "broken"))
+    broken = configmap(namespace, entry(namespace, "broken"))
     broken.data = {TABLE_ENTRY_KEY: "{not json"}
     core.create_namespaced_config_map(namespace, broken)
 
@@ -114,10 +115,10 @@ def test_kubernetes_source_applies_each_change_within_a_second(kube: k8s.ApiClie
         # Promotion: one small write to one object.
         started = time.monotonic()
         bob = entry(namespace, "bob", "v1")
-        core.create_namespaced_config_map(namespace, _configmap(namespace, bob))
+        core.create_namespaced_config_map(namespace, configmap(namespace, bob))
         promoted = anna.model_copy(update={"version": "v2", "sha256": SHA_B})
         core.replace_namespaced_config_map(
-            _configmap(namespace, anna).metadata.name, namespace, _configmap(namespace, promoted)
+            configmap(namespace, anna).metadata.name, namespace, configmap(namespace, promoted)
         )
         wait_for(lambda: table.get(anna.key) == promoted and table.get(bob.key) == bob, timeout=5, what="the watch")
         assert time.monotonic() - started < 1.0
@@ -125,9 +126,9 @@ def test_kubernetes_source_applies_each_change_within_a_second(kube: k8s.ApiClie
         # Rollback, then removal.
         started = time.monotonic()
         core.replace_namespaced_config_map(
-            _configmap(namespace, anna).metadata.name, namespace, _configmap(namespace, anna)
+            configmap(namespace, anna).metadata.name, namespace, configmap(namespace, anna)
         )
-        core.delete_namespaced_config_map(_configmap(namespace, bob).metadata.name, namespace)
+        core.delete_namespaced_config_map(configmap(namespace, bob).metadata.name, namespace)
         wait_for(lambda: table.get(anna.key) == anna and table.get(bob.key) is None, timeout=5, what="rollback")
         assert time.monotonic() - started < 1.0
     finally:
@@ -139,7 +140,7 @@ def test_kubernetes_source_with_many_characters(kube: k8s.ApiClient, namespace: 
     core = k8s.CoreV1Api(kube)
     entries = [entry(namespace, f"c{index:04d}") for index in range(500)]
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda item: core.create_namespaced_config_map(namespace, _configmap(namespace, item)), entries))
+        list(pool.map(lambda item: core.create_namespaced_config_map(namespace, configmap(namespace, item)), entries))
     table = ServingTable(allowed_namespaces=[namespace])
     started = time.monotonic()
     source = KubernetesTableSource(kube, table, server="srv", server_namespace="serving").start()
@@ -152,7 +153,7 @@ def test_kubernetes_source_with_many_characters(kube: k8s.ApiClient, namespace: 
         started = time.monotonic()
         changed = entries[321].model_copy(update={"version": "v2", "sha256": SHA_B})
         core.replace_namespaced_config_map(
-            _configmap(namespace, changed).metadata.name, namespace, _configmap(namespace, changed)
+            configmap(namespace, changed).metadata.name, namespace, configmap(namespace, changed)
         )
         wait_for(lambda: table.get(changed.key) == changed, timeout=5, what="the change")
         assert time.monotonic() - started < 1.0
