@@ -30,6 +30,7 @@ from charlora_inference.metrics import Metrics
 log = logging.getLogger(__name__)
 
 Tier = Literal["gpu", "cpu", "disk", "remote"]
+MANIFEST_CACHE_SIZE = 4096
 StateDict = dict[str, torch.Tensor]
 
 
@@ -126,6 +127,7 @@ class LoRAFetcher:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # One lock per sha256, so two requests for the same cold LoRA download it once.
     _fetching: dict[str, threading.Lock] = field(default_factory=dict)
+    _manifests: OrderedDict[str, Manifest] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +189,19 @@ class LoRAFetcher:
         return data
 
     def read_manifest(self, manifest_uri: str) -> Manifest:
+        """A version's manifest. Cached: a version is immutable once its manifest exists (it is written last)."""
+        with self._lock:
+            cached = self._manifests.get(manifest_uri)
+        if cached is not None:
+            return cached
+        manifest = self._read_manifest(manifest_uri)
+        with self._lock:
+            self._manifests[manifest_uri] = manifest
+            while len(self._manifests) > MANIFEST_CACHE_SIZE:
+                self._manifests.popitem(last=False)
+        return manifest
+
+    def _read_manifest(self, manifest_uri: str) -> Manifest:
         try:
             raw = open_store(manifest_uri, self.s3).read_bytes(manifest_uri)
         except NotFound as err:

@@ -13,6 +13,7 @@ from kubernetes import client as k8s
 from charlora.api.serving import (
     TABLE_ENTRY_KEY,
     ServingEntry,
+    build_table_configmap,
     table_configmap_name,
     table_labels,
 )
@@ -50,6 +51,16 @@ def test_entry_paths_follow_the_artifact_layout() -> None:
     name = table_configmap_name(server="srv", namespace="team", character="anna" * 30)
     assert len(name) <= 63
     assert name == table_configmap_name(server="srv", namespace="team", character="anna" * 30)
+    assert build_table_configmap(final, server="srv", server_namespace="serving") == {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": table_configmap_name(server="srv", namespace="team", character="anna"),
+            "namespace": "team",
+            "labels": {"charlora.dev/serving-server": "srv", "charlora.dev/serving-server-namespace": "serving"},
+        },
+        "data": {"entry.json": json.dumps(final.to_wire(), sort_keys=True)},
+    }
 
 
 def test_file_source_applies_changes_and_keeps_the_last_good_table(tmp_path: Path) -> None:
@@ -82,13 +93,12 @@ def test_file_source_applies_changes_and_keeps_the_last_good_table(tmp_path: Pat
 
 
 def configmap(namespace: str, item: ServingEntry) -> k8s.V1ConfigMap:
-    """The table ConfigMap of ``item`` for server ``srv`` in namespace ``serving``."""
+    """The table ConfigMap of ``item`` for server ``srv`` in namespace ``serving``, as the operator builds it."""
+    body = build_table_configmap(item, server="srv", server_namespace="serving")
+    assert body["metadata"]["namespace"] == namespace
     return k8s.V1ConfigMap(
-        metadata=k8s.V1ObjectMeta(
-            name=table_configmap_name(server="srv", namespace=namespace, character=item.character),
-            labels=table_labels(server="srv", server_namespace="serving"),
-        ),
-        data={TABLE_ENTRY_KEY: json.dumps(item.to_wire())},
+        metadata=k8s.V1ObjectMeta(name=body["metadata"]["name"], labels=body["metadata"]["labels"]),
+        data=body["data"],
     )
 
 

@@ -10,7 +10,8 @@ from a YAML file (``entries: [...]``).
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+import json
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -76,6 +77,23 @@ def table_configmap_name(*, server: str, namespace: str, character: str) -> str:
 def table_labels(*, server: str, server_namespace: str) -> dict[str, str]:
     """The labels that put a ConfigMap into a server's table (what the server's watch selects)."""
     return {TABLE_SERVER_LABEL: server, TABLE_SERVER_NAMESPACE_LABEL: server_namespace}
+
+
+def build_table_configmap(entry: ServingEntry, *, server: str, server_namespace: str) -> dict[str, Any]:
+    """The ConfigMap (a plain dict, for the operator to apply) that puts ``entry`` into a server's table.
+
+    It lives in the character's namespace, so the operator can owner-reference it to the CharacterLoRA.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": table_configmap_name(server=server, namespace=entry.namespace, character=entry.character),
+            "namespace": entry.namespace,
+            "labels": table_labels(server=server, server_namespace=server_namespace),
+        },
+        "data": {TABLE_ENTRY_KEY: json.dumps(entry.to_wire(), sort_keys=True)},
+    }
 
 
 def table_label_selector(*, server: str, server_namespace: str) -> str:
