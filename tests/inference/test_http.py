@@ -311,3 +311,25 @@ def test_rollback_through_the_kubernetes_table(world: World, start: Start, kube:
         rolled_back.images()[0], running.post(body | {"version": "v1"}, key="admin-key").images()[0]
     )
     assert np.abs(rolled_back.images()[0].astype(int) - promoted.images()[0].astype(int)).max() > 10
+
+
+def test_characters_report_tiers_and_pins_survive_eviction(world: World, start: Start) -> None:
+    anna = world.publish("team", "anna", "v1", lora=world.loras[1], pinned=True)
+    bob = world.publish("team", "bob", "v1", lora=world.loras[2])
+    carol = world.publish("team", "carol", "v1", lora=world.loras[3])
+    dave = world.publish("team", "dave", "v1", lora=world.loras[4])
+    running = start([anna, bob, carol, dave], resident_slots=1)
+    running.wait_ready()
+
+    def tiers() -> dict[str, str]:
+        rows = running.get("/v1/characters", key="team-key").json()["characters"]
+        return {row["character"].split("/")[1]: row["tier"] for row in rows}
+
+    assert tiers() == {"anna": "gpu", "bob": "remote", "carol": "remote", "dave": "remote"}
+    assert running.post(request("team/bob")).status == 200
+    assert running.post(request("team/carol")).status == 200  # one unpinned slot: bob makes room for carol
+    assert tiers() == {"anna": "gpu", "bob": "cpu", "carol": "gpu", "dave": "remote"}
+    assert running.metric("charlora_adapter_evictions_total") == 1
+    assert running.post(request("team/anna")).status == 200
+    assert running.post(request("team/bob")).status == 200
+    assert tiers() == {"anna": "gpu", "bob": "gpu", "carol": "cpu", "dave": "remote"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,23 @@ def test_batch_invariance_and_switching_on_cuda(world: World, tmp_path: Path, ti
     np.testing.assert_array_equal(batch[2], pixels(pipeline.generate(job(anna, seed=9))[0]))
     pipeline.generate(job(bob))
     np.testing.assert_array_equal(pixels(pipeline.generate(job(anna))[0]), single)
+
+
+def test_cpu_and_disk_tiers_are_bounded_lru(world: World, tmp_path: Path) -> None:
+    entries = [world.publish("team", f"c{seed}", "v1", lora=world.loras[seed]) for seed in (1, 2, 3)]
+    size = len(world.loras[1])
+    assert all(len(world.loras[seed]) == size for seed in (2, 3))
+    # Room for two files in each tier.
+    tiers = LoRAFetcher(
+        base=BASE, cache_dir=tmp_path / "cache", s3=world.s3, cpu_cache_bytes=2 * size, disk_cache_bytes=2 * size
+    )
+    tiers.fetch(entries[0])
+    tiers.fetch(entries[1])
+    tiers.fetch(entries[0])  # c1 is now more recently used than c2
+    time.sleep(0.01)  # mtime orders the disk tier
+    tiers.disk_path(entries[0].sha256).touch()
+    tiers.fetch(entries[2])
+    assert [tiers.where(entry) for entry in entries] == ["cpu", "remote", "cpu"]
+    assert sorted(path.stem for path in (tmp_path / "cache").glob("*.safetensors")) == sorted(
+        [entries[0].sha256, entries[2].sha256]
+    )
