@@ -20,6 +20,7 @@ class ProgressWriter:
         self.last_written = -float("inf")
         self.last: ProgressReport | None = None
         self.writes = 0
+        self.enabled = True
 
     @staticmethod
     def now() -> datetime.datetime:
@@ -40,6 +41,8 @@ class ProgressWriter:
     ) -> None:
         """Writes progress.json when ``every_seconds`` passed since the last write, or when ``force``d."""
         moment = time.monotonic()
+        if not self.enabled:
+            return
         if not force and moment - self.last_written < self.every_seconds:
             return
         self.last = ProgressReport(

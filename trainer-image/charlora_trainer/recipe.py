@@ -118,13 +118,14 @@ class LoRARecipe:
 
     def setup(self) -> None:
         """Lint the dataset (before any GPU work), load the base model, add adapters, fill caches, resume."""
+        self._setup_accelerator()
         self.progress.write(step=0, total_steps=0, epoch=0, phase="preparing", force=True)
         self.dataset = self._lint()
         model_path = locate_base_model(
             self.config.base_model, cache_dir=self.workdir / "models", settings=self.settings
         )
         self.base = load_base_model(model_path, self.family)
-        self._setup_accelerator()
+        self._place_models()
         self._add_adapters()
         self.samples = self._build_samples(self.dataset)
         self.latents = self._cache_latents() if self.spec.cache_latents else None
@@ -159,6 +160,13 @@ class LoRARecipe:
         self.accelerator = Accelerator(mixed_precision=precision)
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        # With several GPUs (accelerate launch) every process trains; only the main one writes to the store.
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = bool(self.accelerator.is_main_process)
+        self.progress.enabled = self.is_main
+
+    def _place_models(self) -> None:
         base = self.base
         base.unet.to(self.device, dtype=self.weight_dtype)
         # The SDXL VAE overflows in fp16 (NaN latents): it always runs in float32.
@@ -257,7 +265,9 @@ class LoRARecipe:
         self.optimizer = self._make_optimizer(groups)
         repeats = [s.repeats for s in self.samples]
         buckets = [s.bucket for s in self.samples]
-        self.steps_per_epoch = bucketing.steps_per_epoch(buckets, repeats, batch_size=spec.batch_size)
+        self.batches_per_epoch = bucketing.steps_per_epoch(buckets, repeats, batch_size=spec.batch_size)
+        # Each process takes its own batch of a step: an epoch has 1/world as many steps.
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.world)
         epochs = spec.resolved_epochs()
         self.total_steps = spec.max_steps if spec.max_steps is not None else (epochs or 1) * self.steps_per_epoch
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -265,11 +275,14 @@ class LoRARecipe:
         self.lr_scheduler = get_scheduler(
             schedule,
             optimizer=self.optimizer,
-            num_warmup_steps=spec.warmup_steps,
-            num_training_steps=self.total_steps,
+            # accelerate steps a prepared scheduler once per process for every optimizer step
+            num_warmup_steps=spec.warmup_steps * self.world,
+            num_training_steps=self.total_steps * self.world,
         )
         modules = list(self.trained.values())
         prepared = self.accelerator.prepare(*modules, self.optimizer, self.lr_scheduler)
+        # Forward through the prepared (with several GPUs: DDP-wrapped) modules, so gradients are synchronised.
+        self.trained = dict(zip(self.trained, prepared[:-2], strict=True))
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.log(
             f"Training {self.total_steps} steps ({self.total_epochs} epochs of {self.steps_per_epoch}) with "
@@ -336,7 +349,9 @@ class LoRARecipe:
             return hidden, pooled
         hidden_states, pooled = [], None
         with torch.set_grad_enabled(self.spec.train_text_encoder and torch.is_grad_enabled()):
-            for tokenizer, encoder in zip(self.base.tokenizers, self.base.text_encoders, strict=True):
+            prefixes = kohya.TEXT_ENCODER_PREFIXES[len(self.base.text_encoders)]
+            for index, (tokenizer, prefix) in enumerate(zip(self.base.tokenizers, prefixes, strict=True)):
+                encoder = self.trained.get(prefix, self.base.text_encoders[index])
                 ids = tokenizer(
                     captions,
                     padding="max_length",
@@ -347,7 +362,7 @@ class LoRARecipe:
                 output = encoder(ids, output_hidden_states=True)
                 if self.family == "sdxl":
                     hidden_states.append(output.hidden_states[-2])
-                    pooled = output[0] if encoder is self.base.text_encoders[-1] else pooled
+                    pooled = output[0] if index == len(prefixes) - 1 else pooled
                 elif self.spec.clip_skip and self.spec.clip_skip > 1:
                     inner = encoder.module if hasattr(encoder, "module") else encoder
                     hidden_states.append(inner.text_model.final_layer_norm(output.hidden_states[-self.spec.clip_skip]))
@@ -391,7 +406,7 @@ class LoRARecipe:
         if self.family == "sdxl":
             added = {"text_embeds": pooled.to(self.weight_dtype), "time_ids": self._time_ids(batch)}  # type: ignore[union-attr]
         with self.accelerator.autocast():
-            prediction = self.base.unet(
+            prediction = self.trained["lora_unet"](
                 noisy.to(self.weight_dtype),
                 timesteps,
                 hidden.to(self.weight_dtype),
@@ -430,9 +445,11 @@ class LoRARecipe:
         started, start_step = time.monotonic(), self.step
         while self.step < self.total_steps:
             epoch, position = divmod(self.step, self.steps_per_epoch)
-            indices = self._epoch_batches(epoch)[position]
+            batches = self._epoch_batches(epoch)
+            # The last step of an epoch may have fewer batches than processes: those re-use one (kept in lockstep).
+            indices = batches[(position * self.world + self.rank) % len(batches)]
             batch = self.make_batch(indices, step=self.step)
-            self.generator.manual_seed(self.spec.seed * 1_000_003 + self.step)
+            self.generator.manual_seed((self.spec.seed * 1_000_003 + self.step) * self.world + self.rank)
             step_started = time.monotonic()
             self.last_loss = self.optimizer_step(batch)
             self.step_seconds.append(time.monotonic() - step_started)
@@ -531,6 +548,8 @@ class LoRARecipe:
 
     def _save_checkpoint(self) -> None:
         """LoRA, optimizer, scheduler, RNG and step to checkpoints/step-N/, then latest.json pointing at it."""
+        if not self.is_main:
+            return
         name = f"{artifacts.CHECKPOINTS_DIR}step-{self.step:07d}/"
         local = self.workdir / name
         local.mkdir(parents=True, exist_ok=True)
@@ -576,16 +595,21 @@ class LoRARecipe:
 
     # ---------------------------------------------------------------- save
 
-    def save(self) -> artifacts.Manifest:
-        """Final LoRA (kohya + diffusers), grid picture, manifest.json last; then the resume state goes."""
+    def save(self) -> artifacts.Manifest | None:
+        """Final LoRA (kohya + diffusers), grid picture, manifest.json last; then the resume state goes.
+
+        Returns the manifest on the main process, None on the others.
+        """
         from charlora_trainer.publishing import publish_version  # noqa: PLC0415 - keeps this module readable
 
-        return publish_version(self)
+        self.accelerator.wait_for_everyone()
+        return publish_version(self) if self.is_main else None
 
     # ---------------------------------------------------------------- storage helpers
 
     def _upload(self, name: str, path: Path) -> None:
-        self.store.upload_file(self.output_uri + name, path)
+        if self.is_main:
+            self.store.upload_file(self.output_uri + name, path)
 
     def _publish_file(self, name: str, path: Path) -> None:
         """Upload a file that the manifest will list (a local copy stays in out/ for its checksum)."""
