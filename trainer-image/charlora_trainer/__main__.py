@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe.save()
     except BadInput as err:
         return report_bad_input(str(err))
-    print(f"Trained {config.namespace}/{config.character} {config.version}: {config.output_uri}", file=sys.stderr)
+    if recipe.is_main:
+        print(f"Trained {config.namespace}/{config.character} {config.version}: {config.output_uri}", file=sys.stderr)
     return 0
 
 

@@ -165,6 +165,8 @@ class LoRARecipe:
         self.rank = self.accelerator.process_index
         self.is_main = bool(self.accelerator.is_main_process)
         self.progress.enabled = self.is_main
+        if not self.is_main:
+            self.log = lambda _: None  # one process tells the story
 
     def _place_models(self) -> None:
         base = self.base
