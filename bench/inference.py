@@ -25,7 +25,7 @@ from typing import Any
 
 import boto3
 import torch
-from tests.inference.conftest import World, build_lora_bytes
+from tests.inference.lorafiles import World, build_lora_bytes
 
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.tiny_models import build_tiny_pipeline

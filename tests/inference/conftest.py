@@ -1,134 +1,39 @@
-"""Fixtures of the inference tests: one tiny SD1.5-like base per session, LoRAs made by attaching a peft LoRA with
-random non-zero weights to its UNet, and versions published to a real MinIO bucket with a manifest."""
+"""Fixtures of the inference tests: one tiny SD1.5-like base per session, four LoRAs for it, and a ``World`` that
+publishes versions into a fresh bucket of the real MinIO.
+
+Without the inference extras (torch, diffusers, peft, fastapi, uvicorn) only the tests that need none of them are
+collected, so an environment installed for the operator alone still runs the rest of the suite.
+"""
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import io
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-from peft import LoraConfig, get_peft_model_state_dict
-from safetensors.torch import save as safetensors_bytes
 
-from charlora.api.serving import ServingEntry
-from charlora.artifacts import (
-    LORA_DIFFUSERS,
-    MANIFEST,
-    Manifest,
-    ManifestBaseModel,
-    ManifestFile,
-    VersionLocation,
-    epoch_file,
-)
 from charlora.devtools.minio import MinioServer
-from charlora.devtools.tiny_models import build_tiny_pipeline
-from charlora.storing import S3Settings, open_store
+from charlora.storing import S3Settings
 
-BASE_VERSION = "tiny-sd15-v0"
+if TYPE_CHECKING:
+    from tests.inference.lorafiles import World
 
-
-def build_lora_bytes(base: Path, *, seed: int, rank: int = 4, kohya: bool = False) -> bytes:
-    """A LoRA for ``base`` with random non-zero weights, as safetensors: diffusers keys (``unet.``...), or with
-    ``kohya`` the same weights under kohya keys (``lora_unet_...``), as the trainer writes epoch checkpoints."""
-    unet = UNet2DConditionModel.from_pretrained(base / "unet")  # type: ignore[no-untyped-call]
-    unet.add_adapter(
-        LoraConfig(
-            r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
-        )
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    if kohya:
-        layers = convert_state_dict_to_kohya(get_peft_model_state_dict(unet))  # type: ignore[no-untyped-call]
-        # diffusers' converter prefixes the lora_down/lora_up keys with lora_unet_ but not the .alpha keys.
-        kohya_keys = {
-            key if key.startswith("lora_unet_") else f"lora_unet_{key}": value for key, value in layers.items()
-        }
-        return safetensors_bytes({key: value.contiguous() for key, value in kohya_keys.items()})
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))  # type: ignore[no-untyped-call]
-    out = base.parent / f"lora-{seed}"
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
-    return (out / "pytorch_lora_weights.safetensors").read_bytes()
-
-
-@dataclass(frozen=True)
-class World:
-    """A tiny base model and LoRAs, plus a bucket to publish versions into."""
-
-    base: Path
-    loras: dict[int, bytes]
-    store_uri: str
-    s3: S3Settings
-
-    def publish(
-        self,
-        namespace: str,
-        character: str,
-        version: str,
-        *,
-        lora: bytes,
-        pinned: bool = False,
-        file_name: str = LORA_DIFFUSERS,
-        manifest_bytes: bytes | None = None,
-        base_version: str = BASE_VERSION,
-        epochs: dict[int, bytes] | None = None,
-        serve_epoch: int | None = None,
-        family: Literal["sd15", "sdxl"] = "sd15",
-    ) -> ServingEntry:
-        """Uploads a version (LoRA + manifest listing its sha256) and returns the table entry serving it.
-
-        ``manifest_bytes`` overrides what the manifest records for the file (to publish a tampered version);
-        ``epochs`` adds epoch checkpoints, and ``serve_epoch`` makes the entry serve one of them.
-        """
-        location = VersionLocation(self.store_uri, namespace, character, version)
-        store = open_store(location.uri, self.s3)
-        store.write_bytes(location.file(file_name), lora)
-        recorded = lora if manifest_bytes is None else manifest_bytes
-        sha256 = hashlib.sha256(recorded).hexdigest()
-        files = [ManifestFile(path=file_name, sha256=sha256, size=len(recorded))]
-        for epoch, data in (epochs or {}).items():
-            store.write_bytes(location.file(epoch_file(epoch)), data)
-            files.append(ManifestFile(path=epoch_file(epoch), sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
-        if serve_epoch is not None:
-            sha256 = next(item.sha256 for item in files if item.path == epoch_file(serve_epoch))
-        manifest = Manifest(
-            namespace=namespace,
-            character=character,
-            version=version,
-            base_model=ManifestBaseModel(family=family, uri=str(self.base), version=base_version),
-            files=files,
-            epochs=sorted(epochs or {}),
-            created_at=datetime.datetime.now(datetime.UTC),
-        )
-        store.write_bytes(location.file(MANIFEST), manifest.model_dump_json(by_alias=True).encode())
-        return ServingEntry(
-            namespace=namespace,
-            character=character,
-            version=version,
-            epoch=serve_epoch,
-            artifact_uri=location.uri,
-            sha256=sha256,
-            pinned=pinned,
-            base_model_family=family,
-            base_model_version=base_version,
-        )
+INFERENCE_EXTRAS = ("torch", "diffusers", "peft", "transformers", "fastapi", "uvicorn", "PIL", "numpy")
+if not all(find_spec(module) for module in INFERENCE_EXTRAS):
+    collect_ignore = ["test_loras.py", "test_http.py", "test_entrypoint.py", "http.py", "lorafiles.py"]
 
 
 @pytest.fixture(scope="package", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """The tiny models are too small to gain from intra-op threads, and on a shared 2-core machine OpenMP workers
     spinning against other processes made each image about 10x slower (measured: 0.9 s vs 0.07 s for 2 steps)."""
+    if find_spec("torch") is None:
+        yield
+        return
+    import torch  # noqa: PLC0415 - absent without the inference extras
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -137,32 +42,30 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from charlora.devtools.tiny_models import build_tiny_pipeline  # noqa: PLC0415
+
     return build_tiny_pipeline("sd15", tmp_path_factory.mktemp("base") / "sd15", seed=0)
 
 
 @pytest.fixture(scope="session")
 def lora_bytes(tiny_base: Path) -> dict[int, bytes]:
     """Four distinct LoRAs for the tiny base, by seed."""
+    from tests.inference.lorafiles import build_lora_bytes  # noqa: PLC0415
+
     return {seed: build_lora_bytes(tiny_base, seed=seed) for seed in (1, 2, 3, 4)}
 
 
 @pytest.fixture(scope="session")
 def kohya_lora(tiny_base: Path) -> bytes:
     """LoRA 1's weights under kohya keys."""
+    from tests.inference.lorafiles import build_lora_bytes  # noqa: PLC0415
+
     return build_lora_bytes(tiny_base, seed=1, kohya=True)
 
 
 @pytest.fixture
 def world(tiny_base: Path, lora_bytes: dict[int, bytes], minio: MinioServer, bucket: str) -> World:
+    from tests.inference.lorafiles import World  # noqa: PLC0415
+
     settings = S3Settings(endpoint=minio.endpoint, access_key=minio.access_key, secret_key=minio.secret_key)
     return World(tiny_base, lora_bytes, f"s3://{bucket}/loras", settings)
-
-
-def pickled_checkpoint() -> bytes:
-    """What a .ckpt is: a pickle, which can run code when loaded, so the server must never unpickle one."""
-    buffer = io.BytesIO()
-    torch.save({"lora_unet_x.lora_down.weight": torch.ones(2, 2)}, buffer)
-    return buffer.getvalue()
-
-
-Publish = Callable[..., ServingEntry]

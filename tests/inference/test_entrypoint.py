@@ -16,8 +16,8 @@ import yaml
 
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.tiny_models import build_tiny_pipeline
-from tests.inference.conftest import World, build_lora_bytes
 from tests.inference.http import call, write_table
+from tests.inference.lorafiles import World, build_lora_bytes
 
 
 @pytest.fixture(scope="session")

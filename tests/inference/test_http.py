@@ -16,8 +16,8 @@ from kubernetes import client as k8s
 from safetensors.torch import save as safetensors_bytes
 
 from charlora_inference.pipelines import FreeU
-from tests.inference.conftest import BASE_VERSION, World
 from tests.inference.http import Reply, RunningServer, decode_png, start_server
+from tests.inference.lorafiles import BASE_VERSION, World
 from tests.inference.test_tables import configmap as table_configmap
 
 Start = Callable[..., RunningServer]

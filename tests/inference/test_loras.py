@@ -13,7 +13,7 @@ import torch
 from charlora_inference.loras import BaseModel, FetchedLoRA, LoRAFetcher, LoRARefused, parse_lora_file
 from charlora_inference.metrics import Metrics
 from charlora_inference.pipelines import BasePipeline, GenerationJob, PipelineWorker, QueueFull, adapter_name
-from tests.inference.conftest import BASE_VERSION, World, pickled_checkpoint
+from tests.inference.lorafiles import BASE_VERSION, World, pickled_checkpoint
 
 BASE = BaseModel("sd15", BASE_VERSION)
 
