@@ -240,7 +240,9 @@ class LoRARecipe:
     @torch.no_grad()
     def _encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         vae = self.base.vae
-        distribution = vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist
+        # Never under autocast: the SDXL VAE must really run in float32.
+        with torch.autocast(self.device.type, enabled=False):
+            distribution = vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist
         noise = torch.randn(distribution.mean.shape, generator=generator, dtype=torch.float32).to(self.device)
         latents: torch.Tensor = distribution.mean.float() + distribution.std.float() * noise
         return latents * float(vae.config.scaling_factor)
@@ -403,7 +405,8 @@ class LoRARecipe:
             self.device
         )
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        hidden, pooled = self._encode_text(batch.captions)
+        with self.accelerator.autocast():  # the text encoders too: frozen half weights, float32 LoRA weights
+            hidden, pooled = self._encode_text(batch.captions)
         added = None
         if self.family == "sdxl":
             added = {"text_embeds": pooled.to(self.weight_dtype), "time_ids": self._time_ids(batch)}  # type: ignore[union-attr]
