@@ -19,7 +19,7 @@ from charlora.storing import S3Settings
 from charlora_inference.app import build_app
 from charlora_inference.pipelines import DTYPES, SCHEDULERS, FreeU
 from charlora_inference.serving import InferenceServer, ServerSettings
-from charlora_inference.tables import FileTableSource, KubernetesTableSource, ServingTable
+from charlora_inference.tables import FileTableSource, ServingTable, start_kubernetes_sources
 from charlora_inference.tenants import Tenants
 
 log = logging.getLogger("charlora_inference")
@@ -105,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
         except k8s_config.ConfigException:
             k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
-        KubernetesTableSource(
-            k8s.ApiClient(), table, server=args.kubernetes_server, server_namespace=args.kubernetes_server_namespace
-        ).start()
+        start_kubernetes_sources(
+            k8s.ApiClient(),
+            table,
+            server=args.kubernetes_server,
+            server_namespace=args.kubernetes_server_namespace,
+            namespaces=namespaces,
+        )
     tenants = Tenants.from_file(args.api_keys) if args.api_keys is not None else None
     log.info("Serving %s (%s) on %s:%d", settings.base_dir, settings.base_version, args.host, args.port)
     uvicorn.run(build_app(server, tenants=tenants), host=args.host, port=args.port, log_level="info")

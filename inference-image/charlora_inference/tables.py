@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,21 @@ class ServingTable:
         self._allowed = None if allowed_namespaces is None else frozenset(allowed_namespaces)
         self._listeners: list[Listener] = []
         self.synced = threading.Event()
+        """Set once every source has delivered its first full list."""
         self.revision = 0
+        self._sources_expected = 1
+        self._sources_synced: set[str] = set()
+
+    def expect_sources(self, count: int) -> None:
+        """The table is synced once ``count`` sources (e.g. one watch per namespace) have each listed once."""
+        self._sources_expected = count
+
+    def mark_synced(self, source: str) -> None:
+        with self._lock:
+            self._sources_synced.add(source)
+            done = len(self._sources_synced) >= self._sources_expected
+        if done:
+            self.synced.set()
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -58,13 +71,24 @@ class ServingTable:
     def pinned(self) -> list[ServingEntry]:
         return [entry for entry in self.entries() if entry.pinned]
 
-    def replace(self, entries: Iterable[ServingEntry]) -> None:
-        """Makes the table exactly ``entries`` (a full list from a file or a relist)."""
-        wanted = {entry.key: entry for entry in entries if self.allows(entry.namespace)}
+    def replace(self, entries: Iterable[ServingEntry], *, namespace: str | None = None) -> None:
+        """Makes the table exactly ``entries`` (a full list from a file or a relist); with ``namespace``, only that
+        namespace's rows are replaced (one watch per namespace)."""
+        wanted = {
+            entry.key: entry
+            for entry in entries
+            if self.allows(entry.namespace) and (namespace is None or entry.namespace == namespace)
+        }
         with self._lock:
-            changes: dict[str, ServingEntry | None] = {key: None for key in self._entries.keys() - wanted.keys()}
-            changes.update({key: entry for key, entry in wanted.items() if self._entries.get(key) != entry})
-            self._entries = wanted
+            current = {
+                key: entry for key, entry in self._entries.items() if namespace is None or entry.namespace == namespace
+            }
+            changes: dict[str, ServingEntry | None] = {key: None for key in current.keys() - wanted.keys()}
+            changes.update({key: entry for key, entry in wanted.items() if current.get(key) != entry})
+            if namespace is None:
+                self._entries = wanted
+            else:
+                self._entries = {key: entry for key, entry in self._entries.items() if key not in current} | wanted
             self.revision += 1
         self._notify(changes)
 
@@ -141,7 +165,7 @@ class FileTableSource:
             return False
         self.last_error = None
         self.table.replace(entries)
-        self.table.synced.set()
+        self.table.mark_synced("file")
         return True
 
     def start(self) -> FileTableSource:
@@ -173,7 +197,10 @@ def entry_from_configmap(configmap: Any) -> ServingEntry:
 
 
 class KubernetesTableSource:
-    """List + watch the ConfigMaps labelled for this server, across all namespaces, and patch the table per event.
+    """List + watch the ConfigMaps labelled for this server, in one namespace or across all, and patch the table.
+
+    A server limited to some namespaces runs one source per namespace (``start_kubernetes_sources``), so its
+    ServiceAccount needs list/watch on ConfigMaps only there; an unrestricted one watches cluster-wide.
 
     Each ConfigMap holds one entry, so an event touches one row: 10,000 characters are 10,000 small objects, and
     a change reaches the pod in the watch's latency (well under a second). On a watch expiry (410 Gone) or error it
@@ -187,9 +214,11 @@ class KubernetesTableSource:
         *,
         server: str,
         server_namespace: str,
+        namespace: str | None = None,
         watch_timeout: int = 300,
     ) -> None:
         self.core = k8s.CoreV1Api(api_client)
+        self.namespace = namespace
         self.table = table
         self.selector = table_label_selector(server=server, server_namespace=server_namespace)
         self.watch_timeout = watch_timeout
@@ -202,8 +231,15 @@ class KubernetesTableSource:
     def _object_key(configmap: Any) -> str:
         return f"{configmap.metadata.namespace}/{configmap.metadata.name}"
 
+    def _lister(self) -> tuple[Any, tuple[str, ...]]:
+        # The client's own list functions, not a wrapper: Watch reads their docstring to deserialize events.
+        if self.namespace is None:
+            return self.core.list_config_map_for_all_namespaces, ()
+        return self.core.list_namespaced_config_map, (self.namespace,)
+
     def _relist(self) -> str:
-        reply = self.core.list_config_map_for_all_namespaces(label_selector=self.selector)
+        lister, args = self._lister()
+        reply = lister(*args, label_selector=self.selector)
         entries = []
         self._rows: dict[str, str] = {}
         for item in reply.items:
@@ -211,9 +247,9 @@ class KubernetesTableSource:
             if entry is not None:
                 entries.append(entry)
                 self._rows[self._object_key(item)] = entry.key
-        self.table.replace(entries)
-        self.table.synced.set()
-        resource_version = str(reply.metadata.resource_version)  # type: ignore[union-attr]
+        self.table.replace(entries, namespace=self.namespace)
+        self.table.mark_synced(f"kubernetes:{self.namespace or '*'}")
+        resource_version = str(reply.metadata.resource_version)
         return resource_version
 
     def _parse(self, configmap: Any) -> ServingEntry | None:
@@ -243,8 +279,10 @@ class KubernetesTableSource:
                 if resource_version is None:
                     resource_version = self._relist()
                 self._watch = watch.Watch()  # type: ignore[no-untyped-call]
+                lister, args = self._lister()
                 for event in self._watch.stream(
-                    self.core.list_config_map_for_all_namespaces,
+                    lister,
+                    *args,
                     label_selector=self.selector,
                     resource_version=resource_version,
                     timeout_seconds=self.watch_timeout,
@@ -288,6 +326,20 @@ class KubernetesTableSource:
             self._thread.join(timeout=2)
 
 
-def wait_synced(table: ServingTable, *, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    return table.synced.wait(max(0.0, deadline - time.monotonic()))
+def start_kubernetes_sources(
+    api_client: Any,
+    table: ServingTable,
+    *,
+    server: str,
+    server_namespace: str,
+    namespaces: list[str] | None,
+) -> list[KubernetesTableSource]:
+    """One cluster-wide watch, or one watch per namespace when the server may serve only some."""
+    scopes: list[str | None] = list(namespaces) if namespaces else [None]
+    table.expect_sources(len(scopes))
+    return [
+        KubernetesTableSource(
+            api_client, table, server=server, server_namespace=server_namespace, namespace=scope
+        ).start()
+        for scope in scopes
+    ]

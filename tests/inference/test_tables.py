@@ -17,7 +17,7 @@ from charlora.api.serving import (
     table_configmap_name,
     table_labels,
 )
-from charlora_inference.tables import FileTableSource, KubernetesTableSource, ServingTable
+from charlora_inference.tables import FileTableSource, KubernetesTableSource, ServingTable, start_kubernetes_sources
 from tests.world import wait_for
 
 SHA_A = "a" * 64
@@ -170,3 +170,39 @@ def test_kubernetes_source_with_many_characters(kube: k8s.ApiClient, namespace: 
         assert len(table.entries()) == 500
     finally:
         source.stop()
+
+
+def test_one_watch_per_served_namespace(kube: k8s.ApiClient, namespace: str) -> None:
+    # A server limited to some namespaces watches only those (least-privilege RBAC), one watch each.
+    core = k8s.CoreV1Api(kube)
+    second = f"{namespace}-b"
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=second)))
+    try:
+        anna, bob = entry(namespace, "anna"), entry(second, "bob")
+        core.create_namespaced_config_map(namespace, configmap(namespace, anna))
+        core.create_namespaced_config_map(second, configmap(second, bob))
+        table = ServingTable(allowed_namespaces=[namespace, second])
+        sources = start_kubernetes_sources(
+            kube, table, server="srv", server_namespace="serving", namespaces=[namespace, second]
+        )
+        try:
+            assert table.synced.wait(10)
+            assert {item.key for item in table.entries()} == {anna.key, bob.key}
+            promoted = bob.model_copy(update={"version": "v2", "sha256": SHA_B})
+            core.replace_namespaced_config_map(
+                configmap(second, bob).metadata.name, second, configmap(second, promoted)
+            )
+            wait_for(lambda: table.get(bob.key) == promoted, timeout=5, what="the change")
+            assert table.get(anna.key) == anna  # the other namespace's rows are untouched
+        finally:
+            for source in sources:
+                source.stop()
+    finally:
+        core.delete_namespace(second)
+
+
+def test_namespaced_replace_keeps_other_namespaces() -> None:
+    table = ServingTable()
+    table.replace([entry("a", "x"), entry("b", "y")])
+    table.replace([entry("a", "z")], namespace="a")
+    assert [item.key for item in table.entries()] == ["a/z", "b/y"]
