@@ -1,4 +1,7 @@
-"""Entry point: ``python -m charlora_inference --base DIR --table table.yaml`` (or ``--kubernetes-server NAME``)."""
+"""Entry point: ``python -m charlora_inference --base DIR --table table.yaml`` (also ``charlora serve ...``).
+
+In a cluster: ``--kubernetes-server NAME --host 0.0.0.0 --api-keys /secrets/keys.yaml``.
+"""
 
 from __future__ import annotations
 
@@ -26,13 +29,14 @@ log = logging.getLogger("charlora_inference")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="charlora-inference", description=__doc__)
+    parser = argparse.ArgumentParser(prog="charlora serve", description=__doc__)
     parser.add_argument("--base", type=Path, required=True, help="diffusers folder of the base model")
     parser.add_argument("--base-family", choices=["sd15", "sdxl"], help="default: from the pipeline class")
     parser.add_argument(
         "--base-version",
         default=os.environ.get("CHARLORA_BASE_VERSION"),
-        help="the base-model version LoRAs must have been trained on (env CHARLORA_BASE_VERSION)",
+        help="the base-model version LoRAs must have been trained on (env CHARLORA_BASE_VERSION; "
+        "default: the name of the --base folder)",
     )
     parser.add_argument("--base-uri", default="", help="where the base came from, for provenance")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -41,8 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kubernetes-server-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     parser.add_argument("--namespaces", default="", help="comma-separated namespaces to serve; empty: all")
     parser.add_argument("--api-keys", type=Path, help="YAML with hashed API keys (keys: [{name, sha256, namespaces}])")
-    parser.add_argument("--allow-anonymous", action="store_true", help="no API keys: every namespace (local runs)")
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="no API keys on a non-loopback --host (without --api-keys, loopback is always anonymous)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="in a pod: 0.0.0.0")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on CUDA, else float32")
@@ -56,10 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-images", type=int, default=8)
     parser.add_argument("--torch-threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if args.api_keys is None and not args.allow_anonymous:
-        parser.error("give --api-keys, or --allow-anonymous for a local run")
+    loopback = args.host in {"127.0.0.1", "localhost", "::1"}
+    if args.api_keys is None and not (args.allow_anonymous or loopback):
+        parser.error(f"--host {args.host} is reachable from outside: give --api-keys (or --allow-anonymous)")
     if not args.base_version:
-        parser.error("give --base-version (the version every LoRA must be trained on)")
+        args.base_version = args.base.resolve().name
     return args
 
 
@@ -113,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             namespaces=namespaces,
         )
     tenants = Tenants.from_file(args.api_keys) if args.api_keys is not None else None
+    if tenants is None:
+        log.warning("No API keys: every caller reaches every namespace")
     log.info("Serving %s (%s) on %s:%d", settings.base_dir, settings.base_version, args.host, args.port)
     uvicorn.run(build_app(server, tenants=tenants), host=args.host, port=args.port, log_level="info")
     server.stop()

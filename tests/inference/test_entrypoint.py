@@ -16,6 +16,7 @@ import yaml
 
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.tiny_models import build_tiny_pipeline
+from charlora_inference.__main__ import parse_args
 from tests.inference.http import call, write_table
 from tests.inference.lorafiles import World, build_lora_bytes
 
@@ -83,3 +84,15 @@ def test_entry_point_serves_an_sdxl_base(world: World, minio: MinioServer, tiny_
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         log.close()
+
+
+def test_local_defaults_and_refusals(tmp_path: Path) -> None:
+    base = tmp_path / "sd15-tiny-v3"
+    args = parse_args(["--base", str(base), "--table", "t.yaml"])  # what `charlora serve --base --table` gives
+    assert args.base_version == "sd15-tiny-v3"
+    assert args.host == "127.0.0.1"
+    assert args.api_keys is None
+    with pytest.raises(SystemExit):
+        parse_args(["--base", str(base), "--table", "t.yaml", "--host", "0.0.0.0"])  # open to the network, no keys
+    with pytest.raises(SystemExit):
+        parse_args(["--base", str(base)])  # no table source
