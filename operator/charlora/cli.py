@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _run_operator(args: argparse.Namespace) -> int:
@@ -25,6 +26,41 @@ def _run_operator(args: argparse.Namespace) -> int:
             liveness_endpoint=f"http://{args.metrics_address}:{args.health_port}/healthz" if args.health_port else None,
         )
     )
+    return 0
+
+
+def _import_kohya(args: argparse.Namespace) -> int:
+    import yaml
+
+    from charlora.importing import ImportRefused, import_kohya, read_kohya
+
+    try:
+        text = args.config.read_text()
+    except OSError as err:
+        print(f"error: cannot read {args.config}: {err.strerror}", file=sys.stderr)
+        return 2
+    try:
+        result = import_kohya(
+            read_kohya(text, filename=args.config.name),
+            name=args.name,
+            dataset=args.dataset,
+            base_model_uri=args.base_model_uri,
+            base_model_version=args.base_model_version,
+            namespace=args.namespace,
+        )
+    except ImportRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for line in result.not_carried:
+        print(f"not carried over: {line}", file=sys.stderr)
+    rendered = yaml.safe_dump(result.manifest, sort_keys=False)
+    if args.output:
+        args.output.write_text(rendered)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(rendered, end="")
     return 0
 
 
@@ -63,6 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0 disables)")
     op.add_argument("--verbose", action="store_true")
     op.set_defaults(run=_run_operator)
+    kohya = sub.add_parser(
+        "import-kohya",
+        help="turn a kohya_ss GUI JSON export or an sd-scripts TOML config into a CharacterLoRA",
+        description="Print a CharacterLoRA manifest from a Kohya configuration. Settings without a counterpart are "
+        "listed on stderr, one per line with the reason; <tune> placeholders refuse the import.",
+        epilog="Example: charlora import-kohya kohya-config.json --name anna --dataset s3://datasets/anna/ "
+        "--base-model-uri s3://models/sdxl-base-1.0/ --base-model-version sdxl-base-1.0 -o anna-lora.yaml",
+    )
+    kohya.add_argument("config", type=Path, help="kohya_ss GUI export (.json) or sd-scripts config (.toml)")
+    kohya.add_argument("--name", required=True, help="name of the CharacterLoRA (the character)")
+    kohya.add_argument("--dataset", required=True, help="dataset URI: s3://bucket/prefix/ or file:///path")
+    kohya.add_argument("--base-model-uri", required=True, help="where the trainer loads the base model from")
+    kohya.add_argument("--base-model-version", required=True, help="e.g. sdxl-base-1.0")
+    kohya.add_argument("--namespace", help="metadata.namespace of the manifest")
+    kohya.add_argument("-o", "--output", type=Path, help="write the manifest here instead of stdout")
+    kohya.set_defaults(run=_import_kohya)
     # Listed for --help only: main() hands their arguments to the trainer and the server untouched.
     sub.add_parser("train", help="train one version locally, as the training Job does: charlora train --config F")
     sub.add_parser("serve", help="run the inference server: charlora serve --base DIR --table table.yaml")
