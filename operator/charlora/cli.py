@@ -64,6 +64,23 @@ def _import_kohya(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from charlora.inspecting import NotSafetensors, inspect_lora, render
+
+    try:
+        report = inspect_lora(args.lora)
+    except FileNotFoundError:
+        print(f"error: no such file: {args.lora}", file=sys.stderr)
+        return 2
+    except NotSafetensors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_dict(), indent=2) if args.json else render(report))
+    return 0
+
+
 def _run_trainer(rest: list[str]) -> int:
     from charlora_trainer.__main__ import main as trainer_main
 
@@ -115,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     kohya.add_argument("--namespace", help="metadata.namespace of the manifest")
     kohya.add_argument("-o", "--output", type=Path, help="write the manifest here instead of stdout")
     kohya.set_defaults(run=_import_kohya)
+    inspect = sub.add_parser(
+        "inspect",
+        help="describe a LoRA file: format, family, rank/alpha, base model, hashes, where it loads",
+        description="Read a .safetensors LoRA's header (never unpickling anything) and describe it.",
+        epilog="Example: charlora inspect lora.safetensors    (--json for machine-readable output)",
+    )
+    inspect.add_argument("lora", type=Path, help="a .safetensors LoRA file")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.set_defaults(run=_inspect)
     # Listed for --help only: main() hands their arguments to the trainer and the server untouched.
     sub.add_parser("train", help="train one version locally, as the training Job does: charlora train --config F")
     sub.add_parser("serve", help="run the inference server: charlora serve --base DIR --table table.yaml")
