@@ -22,7 +22,14 @@ if TYPE_CHECKING:
 
 INFERENCE_EXTRAS = ("torch", "diffusers", "peft", "transformers", "fastapi", "uvicorn", "PIL", "numpy")
 if not all(find_spec(module) for module in INFERENCE_EXTRAS):
-    collect_ignore = ["test_loras.py", "test_http.py", "test_entrypoint.py", "http.py", "lorafiles.py"]
+    collect_ignore = [
+        "test_loras.py",
+        "test_http.py",
+        "test_entrypoint.py",
+        "test_trainer_output.py",
+        "http.py",
+        "lorafiles.py",
+    ]
 
 
 @pytest.fixture(scope="package", autouse=True)
