@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from charlora.api.trainingjob import BAD_INPUT_EXIT_CODE
+
 
 def _run_operator(args: argparse.Namespace) -> int:
     import asyncio
@@ -81,6 +83,30 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lint_dataset(args: argparse.Namespace) -> int:
+    from charlora.api.characterlora import DEFAULT_RESOLUTION
+    from charlora.storing import S3Settings, StorageError
+    from charlora_trainer.failing import BadInput
+    from charlora_trainer.reporting import lint_target, render_lint
+
+    resolution = args.resolution or DEFAULT_RESOLUTION[args.family]
+    try:
+        dataset, report, sizes = lint_target(
+            args.dataset,
+            resolution=resolution,
+            min_images=args.min_images,
+            character_token=args.character_token,
+            caption_extension=args.caption_extension,
+            repeats=args.repeats,
+            settings=S3Settings.from_env(),
+        )
+    except (FileNotFoundError, BadInput, StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.model_dump_json(by_alias=True, indent=2) if args.json else render_lint(dataset, report, sizes=sizes))
+    return 0 if report.ok else BAD_INPUT_EXIT_CODE
+
+
 def _run_trainer(rest: list[str]) -> int:
     from charlora_trainer.__main__ import main as trainer_main
 
@@ -141,6 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("lora", type=Path, help="a .safetensors LoRA file")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(run=_inspect)
+    lint = sub.add_parser(
+        "lint-dataset",
+        help="run the trainer's dataset lint on a local folder or an s3:// prefix",
+        description="Check a Kohya-layout dataset (N_name/ folders, same-named caption files) exactly as the "
+        f"trainer does before training. Exits {BAD_INPUT_EXIT_CODE} when the trainer would refuse it.",
+        epilog="Example: charlora lint-dataset ./datasets/anna --family sdxl --character-token anna\n"
+        "         charlora lint-dataset s3://datasets/anna/   (credentials and endpoint from AWS_* / "
+        "CHARLORA_S3_ENDPOINT)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lint.add_argument("dataset", help="a local directory, file:///path or s3://bucket/prefix/")
+    lint.add_argument("--family", choices=["sd15", "sdxl"], default="sdxl", help="sets the default resolution")
+    lint.add_argument("--resolution", type=int, help="training resolution in px (default 512 sd15, 1024 sdxl)")
+    lint.add_argument("--min-images", type=int, default=10, help="fewer images than this is fatal (default 10)")
+    lint.add_argument("--character-token", help="warn about captions that name the character")
+    lint.add_argument("--caption-extension", default=".txt")
+    lint.add_argument("--repeats", type=int, default=1, help="repeats for images in a flat folder")
+    lint.add_argument("--json", action="store_true", help="print lint.json instead of the report")
+    lint.set_defaults(run=_lint_dataset)
     # Listed for --help only: main() hands their arguments to the trainer and the server untouched.
     sub.add_parser("train", help="train one version locally, as the training Job does: charlora train --config F")
     sub.add_parser("serve", help="run the inference server: charlora serve --base DIR --table table.yaml")
