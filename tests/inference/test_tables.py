@@ -206,3 +206,9 @@ def test_namespaced_replace_keeps_other_namespaces() -> None:
     table.replace([entry("a", "x"), entry("b", "y")])
     table.replace([entry("a", "z")], namespace="a")
     assert [item.key for item in table.entries()] == ["a/z", "b/y"]
+
+
+def test_entries_from_a_newer_operator_are_still_read() -> None:
+    wire = entry("team", "anna").to_wire() | {"someFutureField": {"x": 1}}
+    assert ServingEntry.model_validate(wire) == entry("team", "anna")
+

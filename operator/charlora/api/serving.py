@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from charlora.api.base import ApiModel, VersionName
+from charlora.api.base import ApiModel, StatusModel, VersionName
 from charlora.artifacts import LORA_DIFFUSERS, epoch_file
 
 TABLE_SERVER_LABEL = "charlora.dev/serving-server"
@@ -26,8 +26,12 @@ TABLE_ENTRY_KEY = "entry.json"
 Sha256 = str
 
 
-class ServingEntry(ApiModel):
-    """One row of the serving table: what to serve for one character."""
+class ServingEntry(StatusModel):
+    """One row of the serving table: what to serve for one character.
+
+    Written by the operator and read by servers that may be older: unknown fields are ignored, not an error, so
+    an operator upgrade never empties a running server's table.
+    """
 
     namespace: str = Field(min_length=1, max_length=63, description="Namespace of the CharacterLoRA.")
     character: str = Field(min_length=1, max_length=253, description="Name of the CharacterLoRA.")
