@@ -56,6 +56,14 @@ def test_wrong_credentials_name_the_uri(minio: MinioServer, bucket: str) -> None
         store.read_bytes(f"s3://{bucket}/k")
 
 
+def test_upload_to_a_missing_bucket_is_a_storage_error(minio: MinioServer, tmp_path: Path) -> None:
+    settings = S3Settings(endpoint=minio.endpoint, access_key=minio.access_key, secret_key=minio.secret_key)
+    local = tmp_path / "lint.json"
+    local.write_text("{}")
+    with pytest.raises(StorageError, match=r"Could not upload s3://no-such-bucket-x/v1/lint\.json: .*NoSuchBucket"):
+        open_store("s3://no-such-bucket-x", settings).upload_file("s3://no-such-bucket-x/v1/lint.json", local)
+
+
 def test_unsupported_scheme_is_refused() -> None:
     with pytest.raises(StorageError, match=r"Unsupported storage URI 'gs://b/p'"):
         open_store("gs://b/p")

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -117,7 +118,8 @@ class S3Store:
             if code in {"404", "NoSuchKey", "NotFound"}:
                 raise NotFound(f"{uri} does not exist") from err
             raise StorageError(f"Could not {action} {uri}: {code or err}") from err
-        except BotoCoreError as err:
+        except (BotoCoreError, S3UploadFailedError) as err:
+            # upload_file wraps the ClientError of a failed transfer (e.g. NoSuchBucket) in S3UploadFailedError.
             raise StorageError(f"Could not {action} {uri}: {err}") from err
 
     def read_bytes(self, uri: str) -> bytes:

@@ -13,10 +13,12 @@ import pytest
 from charlora import artifacts
 from charlora.api.characterlora import BaseModelSpec
 from charlora.storing import S3Settings, open_store
+from charlora_trainer.__main__ import main
 from charlora_trainer.failing import TERMINATION_LOG_ENV, TERMINATION_MESSAGE_LIMIT, BadInput, report_bad_input
 from charlora_trainer.models import load_base_model, locate_base_model
 from charlora_trainer.progressing import ProgressWriter
 from charlora_trainer.recipe import LoRARecipe
+from tests.trainer.conftest import job_config, write_config
 
 
 def test_base_model_from_s3_is_downloaded_once(
@@ -83,3 +85,28 @@ def test_termination_message_fits_kubernetes(
     monkeypatch.setenv(TERMINATION_LOG_ENV, str(tmp_path / "missing-dir" / "log"))  # not writable: stderr only
     assert report_bad_input(json.dumps({"a": 1})) == 3
     assert 'Bad input: {"a": 1}' in capsys.readouterr().err
+
+
+def test_storage_failure_is_retryable_with_a_reason(
+    tmp_path: Path,
+    local_dataset: Path,
+    tiny_sd15: Path,
+    s3_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(TERMINATION_LOG_ENV, str(tmp_path / "log"))
+    config = job_config(
+        family="sd15",
+        model=tiny_sd15,
+        dataset_uri=local_dataset.as_uri(),
+        output_uri="s3://no-such-bucket-charlora/team-a/anna/v1/",
+    )
+    path = write_config(tmp_path / "train.json", config)
+    assert main(["--config", str(path), "--workdir", str(tmp_path / "work")]) == 1
+    message = (tmp_path / "log").read_text()
+    assert message.startswith("Training failed: StorageError: Could not upload ")
+    assert "no-such-bucket-charlora/team-a/anna/v1/" in message
+    assert "Traceback" in capsys.readouterr().err  # for the log; the termination message stays one line

@@ -78,6 +78,15 @@ def test_full_run_publishes_a_complete_version(
     lora_path = check_kohya(blobs, tmp_path, family=family, text_encoder=text_encoder)
     check_loading_and_grid(blobs, tmp_path, model=model, lora_path=lora_path, family=family)
 
+    # A pod restarted after success (say, killed while deleting checkpoints/) leaves the version as it is.
+    before = store_state(open_store(output, s3_settings), output)
+    assert main(["--config", str(tmp_path / "train.json"), "--workdir", str(tmp_path / "again")]) == 0
+    assert store_state(open_store(output, s3_settings), output) == before
+
+
+def store_state(store: Any, output: str) -> dict[str, str]:
+    return {info.uri: hashlib.sha256(store.read_bytes(info.uri)).hexdigest() for info in store.list(output)}
+
 
 def check_manifest(store: Any, output: str, model: Path) -> dict[str, bytes]:
     """The manifest lists every file with the checksum of what is really stored; returns the files' bytes."""

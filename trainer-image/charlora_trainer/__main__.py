@@ -10,13 +10,14 @@ import argparse
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from charlora.api.trainingjob import CONFIG_ENV, TrainingJobConfig
 from charlora.storing import S3Settings
-from charlora_trainer.failing import BadInput, report_bad_input
+from charlora_trainer.failing import FAILURE_EXIT_CODE, BadInput, report_bad_input, report_failure
 from charlora_trainer.recipe import LoRARecipe
 
 WORKDIR_ENV = "CHARLORA_WORKDIR"
@@ -48,11 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, dict(os.environ))
         recipe = LoRARecipe(config, workdir=workdir, settings=S3Settings.from_env())
+        if recipe.already_published():
+            print(f"{config.output_uri} already holds a manifest: nothing to do", file=sys.stderr)
+            return 0
         recipe.setup()
         recipe.train()
         recipe.save()
     except BadInput as err:
         return report_bad_input(str(err))
+    except Exception as err:  # noqa: BLE001 - the last line of defence: report and exit non-zero
+        # Worth a retry (the Job's backoff; the resume state keeps the progress): the trace for the log, one line
+        # for the pod's termination message, which the operator shows as the version's failure reason.
+        traceback.print_exc()
+        report_failure(f"Training failed: {type(err).__name__}: {err}")
+        return FAILURE_EXIT_CODE
     if recipe.is_main:
         print(f"Trained {config.namespace}/{config.character} {config.version}: {config.output_uri}", file=sys.stderr)
     return 0

@@ -13,6 +13,8 @@ TERMINATION_LOG_ENV = "CHARLORA_TERMINATION_LOG"
 # Kubernetes keeps at most 4096 bytes of a termination message.
 TERMINATION_MESSAGE_LIMIT = 4000
 FILES_NAMED = 20
+FAILURE_EXIT_CODE = 1
+"""Any other failure: the Job retries it and the retry resumes from the last saved state."""
 
 
 class BadInput(Exception):
@@ -31,14 +33,25 @@ def termination_log_path() -> Path:
 
 def report_bad_input(message: str) -> int:
     """Writes ``message`` to stderr and the termination log (when writable); returns the bad-input exit code."""
+    text = _write_termination_message(message)
+    print(f"Bad input: {text}", file=sys.stderr, flush=True)
+    return BAD_INPUT_EXIT_CODE
+
+
+def report_failure(message: str) -> int:
+    """Like :func:`report_bad_input` for a retryable failure; returns :data:`FAILURE_EXIT_CODE`."""
+    print(_write_termination_message(message), file=sys.stderr, flush=True)
+    return FAILURE_EXIT_CODE
+
+
+def _write_termination_message(message: str) -> str:
     text = message.strip()
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
         text = text.encode()[: TERMINATION_MESSAGE_LIMIT - 4].decode(errors="ignore") + " ..."
-    print(f"Bad input: {text}", file=sys.stderr, flush=True)
     log = termination_log_path()
     try:
         with log.open("w") as out:
             out.write(text + "\n")
     except OSError:
         pass  # outside Kubernetes there is no termination log; stderr carries the message
-    return BAD_INPUT_EXIT_CODE
+    return text

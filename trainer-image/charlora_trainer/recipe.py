@@ -113,8 +113,14 @@ class LoRARecipe:
         self.saved_epochs: list[int] = []
         self.generator = torch.Generator()
         self.step_seconds: list[float] = []
+        self.resumed_from: int | None = None
+        self._batches: dict[int, list[list[int]]] = {}  # the current epoch's batch order
 
     # ---------------------------------------------------------------- setup
+
+    def already_published(self) -> bool:
+        """True when manifest.json exists: a pod restarted after success must not retrain over a finished version."""
+        return self.store.exists(self.output_uri + artifacts.MANIFEST)
 
     def setup(self) -> None:
         """Lint the dataset (before any GPU work), load the base model, add adapters, fill caches, resume."""
@@ -315,7 +321,7 @@ class LoRARecipe:
     # ---------------------------------------------------------------- batches and loss
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        cache: dict[int, list[list[int]]] = self.__dict__.setdefault("_batches", {})
+        cache = self._batches
         if epoch not in cache:
             cache.clear()
             cache[epoch] = bucketing.epoch_batches(
