@@ -15,6 +15,7 @@ import secrets
 import time
 from typing import Annotated, Any, Literal
 
+import torch
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
@@ -252,6 +253,11 @@ async def run_generation(server: InferenceServer, body: GenerationRequest, calle
         except LoRARefused as err:
             metrics.rejected.labels(status="409").inc()
             raise HTTPException(409, detail=f"LoRA refused: {err}") from err
+        except torch.cuda.OutOfMemoryError as err:
+            # Too large a request for what the GPU has free now: the client may retry smaller or later.
+            torch.cuda.empty_cache()
+            metrics.rejected.labels(status="503").inc()
+            raise HTTPException(503, detail="out of GPU memory for this request", headers={"Retry-After": "2"}) from err
         pngs = await run_in_threadpool(
             lambda: [encode_png(image, provenance(server, job, index)) for index, image in enumerate(images)]
         )

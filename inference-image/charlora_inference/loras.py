@@ -245,13 +245,18 @@ class LoRAFetcher:
                 total -= evicted.size
 
     def _trim_disk(self, *, keep: str) -> None:
-        files = sorted(self.cache_dir.glob("*.safetensors"), key=lambda path: path.stat().st_mtime)
-        total = sum(path.stat().st_size for path in files)
-        for path in files:
+        stats = []
+        for path in self.cache_dir.glob("*.safetensors"):
+            try:
+                stats.append((path.stat().st_mtime, path.stat().st_size, path))
+            except FileNotFoundError:  # trimmed by a concurrent download meanwhile
+                continue
+        total = sum(size for _, size, _ in stats)
+        for _, size, path in sorted(stats):
             if total <= self.disk_cache_bytes:
                 break
             if path.stem != keep:
-                total -= path.stat().st_size
+                total -= size
                 path.unlink(missing_ok=True)
 
     def drop_cpu(self, sha256: str) -> None:
