@@ -110,3 +110,12 @@ def test_storage_failure_is_retryable_with_a_reason(
     assert message.startswith("Training failed: StorageError: Could not upload ")
     assert "no-such-bucket-charlora/team-a/anna/v1/" in message
     assert "Traceback" in capsys.readouterr().err  # for the log; the termination message stays one line
+
+
+def test_default_workdir_follows_the_job_environment(tmp_path: Path) -> None:
+    from charlora_trainer.__main__ import default_workdir  # noqa: PLC0415 - one helper of the entry point
+
+    assert default_workdir({"CHARLORA_WORKDIR": "/scratch/w", "TMPDIR": str(tmp_path)}) == Path("/scratch/w")
+    tmpdir = tmp_path / "scratch" / "tmp"  # the Job sets TMPDIR into its emptyDir, where it does not exist yet
+    assert default_workdir({"TMPDIR": str(tmpdir)}) == tmpdir / "charlora-trainer"
+    assert tmpdir.is_dir()

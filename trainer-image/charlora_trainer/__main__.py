@@ -40,13 +40,25 @@ def load_config(path: Path | None, env: dict[str, str]) -> TrainingJobConfig:
         raise BadInput(f"Invalid training config: {problems}") from err
 
 
+def default_workdir(env: dict[str, str]) -> Path:
+    """$CHARLORA_WORKDIR, else charlora-trainer/ under $TMPDIR (created: the Job points it into its scratch volume
+    on a read-only root filesystem), else under the system's temporary directory."""
+    if env.get(WORKDIR_ENV):
+        return Path(env[WORKDIR_ENV])
+    if env.get("TMPDIR"):
+        Path(env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
+        return Path(env["TMPDIR"]) / "charlora-trainer"
+    return Path(tempfile.gettempdir()) / "charlora-trainer"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="charlora-trainer", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help=f"TrainingJobConfig JSON file (default: ${CONFIG_ENV})")
     parser.add_argument("--workdir", type=Path, help=f"Scratch directory (default: ${WORKDIR_ENV} or a temp dir)")
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(os.environ.get(WORKDIR_ENV) or tempfile.mkdtemp(prefix="charlora-trainer-"))
+    workdir = args.workdir or default_workdir(dict(os.environ))
     try:
+        workdir.mkdir(parents=True, exist_ok=True)
         config = load_config(args.config, dict(os.environ))
         recipe = LoRARecipe(config, workdir=workdir, settings=S3Settings.from_env())
         if recipe.already_published():
