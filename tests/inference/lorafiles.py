@@ -9,13 +9,14 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save as safetensors_bytes
+from transformers import CLIPTextModel
 
 from charlora.api.serving import ServingEntry
 from charlora.artifacts import (
@@ -32,9 +33,10 @@ from charlora.storing import S3Settings, open_store
 BASE_VERSION = "tiny-sd15-v0"
 
 
-def build_lora_bytes(base: Path, *, seed: int, rank: int = 4, kohya: bool = False) -> bytes:
+def build_lora_bytes(base: Path, *, seed: int, rank: int = 4, kohya: bool = False, text_encoder: bool = False) -> bytes:
     """A LoRA for ``base`` with random non-zero weights, as safetensors: diffusers keys (``unet.``...), or with
-    ``kohya`` the same weights under kohya keys (``lora_unet_...``), as the trainer writes epoch checkpoints."""
+    ``kohya`` the same weights under kohya keys (``lora_unet_...``), as the trainer writes epoch checkpoints.
+    ``text_encoder`` adds LoRA layers on the (first) text encoder's attention projections too."""
     unet = UNet2DConditionModel.from_pretrained(base / "unet")  # type: ignore[no-untyped-call]
     unet.add_adapter(
         LoraConfig(
@@ -54,8 +56,21 @@ def build_lora_bytes(base: Path, *, seed: int, rank: int = 4, kohya: bool = Fals
         }
         return safetensors_bytes({key: value.contiguous() for key, value in kohya_keys.items()})
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))  # type: ignore[no-untyped-call]
-    out = base.parent / f"lora-{seed}"
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    extra: dict[str, Any] = {}
+    if text_encoder:
+        encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
+        encoder.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+        )
+        with torch.no_grad():
+            for name, parameter in encoder.named_parameters():
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        extra["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(  # type: ignore[no-untyped-call]
+            get_peft_model_state_dict(encoder)
+        )
+    out = base.parent / f"lora-{seed}-{'te' if text_encoder else 'unet'}"
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True, **extra)
     return (out / "pytorch_lora_weights.safetensors").read_bytes()
 
 

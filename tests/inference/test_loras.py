@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 
 from charlora_inference.loras import BaseModel, FetchedLoRA, LoRAFetcher, LoRARefused, parse_lora_file
 from charlora_inference.metrics import Metrics
 from charlora_inference.pipelines import BasePipeline, GenerationJob, PipelineWorker, QueueFull, adapter_name
-from tests.inference.lorafiles import BASE_VERSION, World, pickled_checkpoint
+from tests.inference.lorafiles import BASE_VERSION, World, build_lora_bytes, pickled_checkpoint
 
 BASE = BaseModel("sd15", BASE_VERSION)
 
@@ -267,3 +268,30 @@ def test_cpu_and_disk_tiers_are_bounded_lru(world: World, tmp_path: Path) -> Non
     assert sorted(path.stem for path in (tmp_path / "cache").glob("*.safetensors")) == sorted(
         [entries[0].sha256, entries[2].sha256]
     )
+
+
+def test_text_encoder_adapters_never_leak_into_unet_only_characters(
+    world: World, tmp_path: Path, tiny_base: Path, pipeline: BasePipeline
+) -> None:
+    tiers = fetcher(world, tmp_path)
+    with_encoder = build_lora_bytes(tiny_base, seed=7, text_encoder=True)
+    assert any(key.startswith("text_encoder.") for key in load_safetensors(with_encoder))
+    anna = tiers.fetch(world.publish("team", "anna", "v1", lora=with_encoder))
+    bob = tiers.fetch(world.publish("team", "bob", "v1", lora=world.loras[2]))
+
+    fresh = BasePipeline(
+        path=tiny_base,
+        base=BASE,
+        device="cpu",
+        dtype="float32",
+        scheduler_name="euler",
+        resident_slots=2,
+        is_pinned=lambda sha: False,
+    ).load()
+    bob_alone = pixels(fresh.generate(job(bob))[0])
+    anna_alone = pixels(fresh.generate(job(anna))[0])
+
+    # On one pipeline: anna's text-encoder adapter is resident but must be inactive while bob is served.
+    np.testing.assert_array_equal(pixels(pipeline.generate(job(anna))[0]), anna_alone)
+    np.testing.assert_array_equal(pixels(pipeline.generate(job(bob))[0]), bob_alone)
+    np.testing.assert_array_equal(pixels(pipeline.generate(job(anna))[0]), anna_alone)

@@ -211,4 +211,3 @@ def test_namespaced_replace_keeps_other_namespaces() -> None:
 def test_entries_from_a_newer_operator_are_still_read() -> None:
     wire = entry("team", "anna").to_wire() | {"someFutureField": {"x": 1}}
     assert ServingEntry.model_validate(wire) == entry("team", "anna")
-
