@@ -4,6 +4,8 @@ per test. Nothing here is mocked and nothing is downloaded at test time: the bin
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 import re
 import secrets
@@ -18,6 +20,7 @@ from kubernetes import client as k8s
 
 from charlora.devtools.controlplane import ControlPlane
 from charlora.devtools.minio import MinioServer
+from charlora.devtools.operating import OperatorProcess
 from charlora.devtools.tools import Toolbox
 from tests.world import api_client_for, s3_client_for, wait_for
 
@@ -136,3 +139,40 @@ def helm(toolbox: Toolbox, tmp_path_factory: pytest.TempPathFactory) -> Callable
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def artifacts_bucket(s3: Any) -> str:
+    name = "charlora-operator-tests"
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def operator(
+    workloads: ControlPlane,
+    crds_installed: list[str],
+    minio: MinioServer,
+    artifacts_bucket: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(workloads, minio, artifacts_bucket, tmp_path_factory.mktemp("operator")).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def ns(namespace: str, kube: k8s.ApiClient, minio: MinioServer) -> str:
+    """A namespace holding the default credentials Secret the operator and the Jobs use."""
+    k8s.CoreV1Api(kube).create_namespaced_secret(
+        namespace,
+        k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name="charlora-s3"),
+            data={
+                "AWS_ACCESS_KEY_ID": base64.b64encode(minio.access_key.encode()).decode(),
+                "AWS_SECRET_ACCESS_KEY": base64.b64encode(minio.secret_key.encode()).decode(),
+            },
+        ),
+    )
+    return namespace

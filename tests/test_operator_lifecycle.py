@@ -6,10 +6,7 @@ by the test: it writes the objects to MinIO and ends the kwok pod with the exit 
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,50 +17,12 @@ from charlora.api.characterlora import CharacterLoRA
 from charlora.building import build_training_job
 from charlora.config import OperatorConfig
 from charlora.devtools.controlplane import ControlPlane
-from charlora.devtools.minio import MinioServer
 from charlora.devtools.operating import OperatorProcess
 from charlora.devtools.standin import version_uri, write_artifacts, write_progress
 from tests.world import wait_for
 
 pytestmark = pytest.mark.workloads
 GROUP, VERSION, PLURAL = "charlora.dev", "v1alpha1", "characterloras"
-
-
-@pytest.fixture(scope="module")
-def artifacts_bucket(s3: Any) -> str:
-    name = "charlora-operator-tests"
-    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-        s3.create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture(scope="module")
-def operator(
-    workloads: ControlPlane,
-    crds_installed: list[str],
-    minio: MinioServer,
-    artifacts_bucket: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(workloads, minio, artifacts_bucket, tmp_path_factory.mktemp("operator")).start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def ns(namespace: str, kube: k8s.ApiClient, minio: MinioServer) -> str:
-    """A namespace holding the default credentials Secret the operator and the Jobs use."""
-    k8s.CoreV1Api(kube).create_namespaced_secret(
-        namespace,
-        k8s.V1Secret(
-            metadata=k8s.V1ObjectMeta(name="charlora-s3"),
-            data={
-                "AWS_ACCESS_KEY_ID": base64.b64encode(minio.access_key.encode()).decode(),
-                "AWS_SECRET_ACCESS_KEY": base64.b64encode(minio.secret_key.encode()).decode(),
-            },
-        ),
-    )
-    return namespace
 
 
 def _manifest(name: str, **spec: Any) -> dict[str, Any]:
