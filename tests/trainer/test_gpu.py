@@ -27,6 +27,9 @@ def test_mixed_precision_trains_with_finite_losses(
     assert recipe.base.unet.dtype == half
     assert recipe.base.vae.dtype == (torch.float32 if family == "sdxl" else half)
     assert all(p.dtype == torch.float32 for p in recipe.base.unet.parameters() if p.requires_grad)
+    # Cached latents and embeddings: the VAE and the frozen text encoders wait on the CPU until the grid.
+    assert recipe.base.vae.device.type == "cpu"
+    assert all(e.device.type == "cpu" for e in recipe.base.text_encoders)
     batch = recipe.make_batch([0, 1, 2, 3], step=0)
     assert batch.latents is not None
     assert torch.isfinite(batch.latents).all()

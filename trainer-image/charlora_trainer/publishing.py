@@ -93,6 +93,7 @@ def render_grid(recipe: LoRARecipe, path: Path) -> tuple[int, int]:
 
     Returns (rows, columns).
     """
+    recipe.restore_frozen()
     pipe = _pipeline(recipe)
     pipe.set_progress_bar_config(disable=True)
     prompts = grid_prompts(recipe)

@@ -138,6 +138,9 @@ class LoRARecipe:
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = (
             {} if not self.spec.train_text_encoder and not self.spec.shuffle_captions else None
         )
+        if self.text_cache is not None:
+            self._cache_text()
+        self._offload_frozen()
         self._setup_optimization()
         self._resume()
 
@@ -260,6 +263,32 @@ class LoRARecipe:
         cached = [self._encode_pixels(load_pixels(s)[None], generator)[0].cpu() for s in self.samples]
         self.log(f"Cached the latents of {len(cached)} images in {time.monotonic() - started:.1f} s")
         return cached
+
+    @torch.no_grad()
+    def _cache_text(self) -> None:
+        """Every caption (and the empty one of caption dropout) through the frozen text encoder(s) once."""
+        captions = sorted(
+            {s.caption for s in self.samples} | ({""} if float(self.spec.caption_dropout_rate) else set())
+        )
+        for start in range(0, len(captions), 16):
+            with self.accelerator.autocast():
+                self._encode_text(captions[start : start + 16])
+
+    def _offload_frozen(self) -> None:
+        """Cached latents and embeddings make the VAE and frozen text encoders idle until the grid: free the GPU."""
+        if self.device.type != "cuda":
+            return
+        idle = ([self.base.vae] if self.latents is not None else []) + (
+            self.base.text_encoders if self.text_cache is not None else []
+        )
+        for module in idle:
+            module.to("cpu")
+        torch.cuda.empty_cache()
+
+    def restore_frozen(self) -> None:
+        """Back onto the device for sampling (the grid)."""
+        for module in [self.base.vae, *self.base.text_encoders]:
+            module.to(self.device)
 
     def _setup_optimization(self) -> None:
         spec = self.spec
