@@ -219,13 +219,19 @@ class BasePipeline:
             self.pipe.enable_freeu(s1=freeu.s1, s2=freeu.s2, b1=freeu.b1, b2=freeu.b2)
 
     def generate(self, job: GenerationJob) -> list[Image.Image]:
-        """Runs one job. Image i uses seed + i with its own generator and always batch size 1, so its pixels do not
-        depend on n (kernels give different numbers for different batch shapes)."""
+        """Runs one job and returns its images."""
+        images: list[Image.Image] = self.render(job, output_type="pil")
+        return images
+
+    def render(self, job: GenerationJob, *, output_type: Literal["pil", "np"]) -> list[Any]:
+        """Runs one job (on the worker thread). Image i uses seed + i with its own generator and is always computed
+        at batch size 1, so its numbers do not depend on n: kernels give different results for different batch
+        shapes, so per-image generators alone would not make image 0 of n = 4 equal image 0 of n = 1."""
         assert self.adapters is not None
         name = self.adapters.ensure(job.lora)
         self.adapters.activate(name, job.lora_scale)
         self._set_freeu(job.freeu)
-        images: list[Image.Image] = []
+        images: list[Any] = []
         with torch.inference_mode():
             for index in range(job.n):
                 generator = torch.Generator(device=self.device).manual_seed(job.seed + index)
@@ -238,7 +244,7 @@ class BasePipeline:
                     height=job.height,
                     num_images_per_prompt=1,
                     generator=generator,
-                    output_type="pil",
+                    output_type=output_type,
                 )
                 images.append(result.images[0])
         if self.metrics is not None:
