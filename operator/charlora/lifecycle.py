@@ -141,15 +141,25 @@ def versions_to_delete(lora: CharacterLoRA, versions: Sequence[VersionState], se
     return [v.name for v in surplus if v.state in TERMINAL and v.name not in protected]
 
 
+ConditionStatus = Literal["True", "False", "Unknown"]
+ConditionValue = tuple[ConditionStatus, str, str]  # (status, reason, message)
+
+
 def set_condition(
-    conditions: Sequence[Condition], *, type_: str, status: str, reason: str, message: str, generation: int | None
+    conditions: Sequence[Condition],
+    *,
+    type_: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    generation: int | None,
 ) -> list[Condition]:
     """Replaces one condition; lastTransitionTime moves only when the status changes."""
     previous = next((c for c in conditions if c.type == type_), None)
     changed = previous is None or previous.status != status
     condition = Condition(
         type=type_,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         reason=reason,
         message=message,
         observed_generation=generation,
@@ -175,7 +185,8 @@ def compute_conditions(
     latest = current[-1] if current else None
     dataset = _dataset_condition(latest, progress)
     trained = _trained_condition(latest, progress)
-    serving = ("True" if served else "False", serving_reason, serving_message)
+    serving: ConditionValue = ("True" if served else "False", serving_reason, serving_message)
+    ready: ConditionValue
     if served and trained[0] == "True":
         ready = ("True", "Ready", f"Serving {served}")
     elif served:
@@ -192,7 +203,7 @@ def compute_conditions(
     return conditions
 
 
-def _dataset_condition(latest: VersionState | None, progress: Progress | None) -> tuple[str, str, str]:
+def _dataset_condition(latest: VersionState | None, progress: Progress | None) -> ConditionValue:
     if latest is None or (latest.state in ("Pending", "Running") and progress is None):
         return ("Unknown", "NotChecked", "The dataset is checked when the training Job starts")
     if latest.state == "Failed" and latest.bad_input:
@@ -200,7 +211,7 @@ def _dataset_condition(latest: VersionState | None, progress: Progress | None) -
     return ("True", "DatasetAccepted", f"The trainer accepted the dataset for {latest.name}")
 
 
-def _trained_condition(latest: VersionState | None, progress: Progress | None) -> tuple[str, str, str]:
+def _trained_condition(latest: VersionState | None, progress: Progress | None) -> ConditionValue:
     if latest is None:
         return ("Unknown", "Pending", "No version has been started for the current spec")
     if latest.state == "Succeeded":

@@ -28,7 +28,6 @@ class ApiModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         frozen=True,
-        use_attribute_docstrings=False,
     )
 
     def to_wire(self) -> dict[str, Any]:
