@@ -157,6 +157,10 @@ class FileTableSource:
         if signature == self._seen:
             return False
         self._seen = signature
+        if not content.strip():
+            # An empty file is a write in progress far more often than an intended empty table (`entries: []`).
+            self.last_error = f"{self.path} is empty; kept the previous table"
+            return False
         try:
             entries = read_table_file(self.path)
         except ValueError as err:

@@ -118,7 +118,10 @@ class RunningServer:
 
 
 def write_table(path: Path, entries: list[ServingEntry]) -> None:
-    path.write_text(yaml.safe_dump({"entries": [entry.to_wire() for entry in entries]}))
+    """Replaces the table file atomically (write, then rename), as a ConfigMap volume does."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(yaml.safe_dump({"entries": [entry.to_wire() for entry in entries]}))
+    partial.replace(path)
 
 
 def start_server(

@@ -40,7 +40,10 @@ def entry(
 
 
 def write_table(path: Path, entries: list[ServingEntry]) -> None:
-    path.write_text(yaml.safe_dump({"entries": [item.to_wire() for item in entries]}))
+    """Replaces the file atomically, as a ConfigMap volume or a careful editor does."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(yaml.safe_dump({"entries": [item.to_wire() for item in entries]}))
+    partial.replace(path)
 
 
 def test_entry_paths_follow_the_artifact_layout() -> None:
@@ -80,9 +83,11 @@ def test_file_source_applies_changes_and_keeps_the_last_good_table(tmp_path: Pat
         assert time.monotonic() - started < 1.0
         assert changes[-1] == {"team/anna": entry("team", "anna", "v2", sha256=SHA_B)}
 
+        path.write_text("")  # a write in progress: keeps serving v2
+        wait_for(lambda: source.last_error is not None, timeout=5, what="the empty file")
+        assert table.get("team/anna") == entry("team", "anna", "v2", sha256=SHA_B)
         path.write_text("entries: [{namespace: team}]")  # invalid: keeps serving v2
-        wait_for(lambda: source.last_error is not None, timeout=5, what="the parse error")
-        assert "character" in (source.last_error or "")
+        wait_for(lambda: "character" in (source.last_error or ""), timeout=5, what="the parse error naming the field")
         assert table.get("team/anna") == entry("team", "anna", "v2", sha256=SHA_B)
 
         write_table(path, [])
