@@ -161,3 +161,28 @@ def test_caption_shuffle_keeps_tokens_and_dropout_empties() -> None:
     ]
     assert 150 < dropped.count("") < 250
     assert set(dropped) == {"", caption}
+
+
+def test_phone_photos_are_trained_upright(tmp_path: Path) -> None:
+    """A portrait photo stored landscape with EXIF orientation 6 is bucketed and cropped as the portrait it is."""
+    from PIL import Image  # noqa: PLC0415 - only this test builds pictures by hand
+
+    from charlora_trainer.recipe import Sample, _crop_of, load_pixels, oriented_size  # noqa: PLC0415
+
+    upright = Image.new("RGB", (64, 128), "white")
+    upright.paste((255, 0, 0), (0, 0, 64, 32))  # red band at the top of the portrait
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote: 128 x 64, band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif, quality=95)
+    with Image.open(path) as image:
+        assert image.size == (128, 64)
+        assert oriented_size(image) == (64, 128)
+    bucket = bucketing.Bucket(64, 128)
+    sample = Sample(path, "x", 1, bucket, original_size=(128, 64), crop=_crop_of((64, 128), bucket))
+    pixels = load_pixels(sample)
+    assert pixels.shape == (3, 128, 64)
+    top, bottom = pixels[:, :24].mean(dim=(1, 2)), pixels[:, -24:].mean(dim=(1, 2))
+    torch.testing.assert_close(top, torch.tensor([1.0, -1.0, -1.0]), atol=0.1, rtol=0)  # red on top
+    torch.testing.assert_close(bottom, torch.tensor([1.0, 1.0, 1.0]), atol=0.1, rtol=0)  # white below

@@ -25,7 +25,7 @@ from accelerate import Accelerator  # type: ignore[import-untyped]
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from charlora import artifacts
@@ -64,11 +64,22 @@ class Batch:
     pixels: torch.Tensor | None = None
 
 
+# EXIF orientations that turn the stored picture by 90 degrees (phone photos): width and height swap.
+QUARTER_TURNS = frozenset({5, 6, 7, 8})
+EXIF_ORIENTATION = 0x0112
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the picture is meant to be seen, without decoding it."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS else (width, height)
+
+
 def load_pixels(sample: Sample) -> torch.Tensor:
-    """The image resized to cover its bucket and centre-cropped, as a (3, H, W) tensor in [-1, 1]."""
+    """The image upright, resized to cover its bucket and centre-cropped, as a (3, H, W) tensor in [-1, 1]."""
     width, height = sample.bucket.width, sample.bucket.height
     with Image.open(sample.image) as source:
-        image = source.convert("RGB")
+        image = ImageOps.exif_transpose(source).convert("RGB")
     scale = max(width / image.width, height / image.height)
     resized = image.resize(
         (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.Resampling.LANCZOS
@@ -232,7 +243,7 @@ class LoRARecipe:
         samples = []
         for item in dataset.items:
             with Image.open(item.image) as image:
-                size = image.size
+                size = oriented_size(image)
             bucket = bucketing.assign_bucket(*size, buckets)
             samples.append(
                 Sample(
