@@ -116,7 +116,7 @@ def bench_round_robin(pipeline: BasePipeline, loras: list[FetchedLoRA], *, reque
 
 
 def bench_cold_load(world: World, workdir: Path, *, lora: bytes, label: str) -> Row:
-    entry = world.publish("bench", f"cold-{label}", "v1", lora=lora, base_version=BASE.version)
+    entry = world.publish("bench", f"cold-{label}", version="v1", lora=lora, base_version=BASE.version)
     remote, disk = [], []
     for attempt in range(5):
         fetcher = LoRAFetcher(base=BASE, cache_dir=workdir / f"cache-{label}-{attempt}", s3=world.s3)
@@ -216,7 +216,7 @@ def main() -> None:
             world = World(base, files, f"s3://{bucket}/loras", s3)
             fetcher = LoRAFetcher(base=BASE, cache_dir=workdir / "cache", s3=s3)
             loras = [
-                fetcher.fetch(world.publish("bench", f"c{seed}", "v1", lora=data, base_version=BASE.version))
+                fetcher.fetch(world.publish("bench", f"c{seed}", version="v1", lora=data, base_version=BASE.version))
                 for seed, data in files.items()
             ]
             pipeline = BasePipeline(

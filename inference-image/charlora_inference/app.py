@@ -82,7 +82,7 @@ def encode_png(image: Image.Image, provenance: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-def resolve(server: InferenceServer, caller: ApiKey | None, character: str) -> ServingEntry:
+def resolve(server: InferenceServer, *, caller: ApiKey | None, character: str) -> ServingEntry:
     """The table entry a request names, after the caller's namespace check (403) and existence check (404)."""
     metrics = server.metrics
     if "/" in character:
@@ -101,7 +101,7 @@ def resolve(server: InferenceServer, caller: ApiKey | None, character: str) -> S
     return entry
 
 
-def provenance(server: InferenceServer, job: GenerationJob, index: int) -> dict[str, str]:
+def provenance(server: InferenceServer, job: GenerationJob, *, index: int) -> dict[str, str]:
     """The PNG text chunks of image ``index``: enough to reproduce it exactly."""
     entry = job.lora.entry
     assert server.pipeline is not None
@@ -137,7 +137,7 @@ def pick_freeu(server: InferenceServer, value: bool | FreeUParams | None) -> Fre
     return FreeU(value.s1, value.s2, value.b1, value.b2)
 
 
-async def fetch_lora(server: InferenceServer, entry: ServingEntry, version: str | None) -> FetchedLoRA:
+async def fetch_lora(server: InferenceServer, entry: ServingEntry, *, version: str | None) -> FetchedLoRA:
     """The verified LoRA of the entry (or of another version of its character), mapped to HTTP errors."""
     metrics = server.metrics
     assert server.fetcher is not None
@@ -213,11 +213,11 @@ def describe(server: InferenceServer, caller: ApiKey | None) -> dict[str, Any]:
     }
 
 
-async def run_generation(server: InferenceServer, body: GenerationRequest, caller: ApiKey | None) -> Response:
+async def run_generation(server: InferenceServer, body: GenerationRequest, *, caller: ApiKey | None) -> Response:
     """Admits a request (limits, namespace, table row, queue), runs it on the pipeline worker, encodes the PNGs."""
     metrics = server.metrics
     check_limits(server, body)
-    entry = resolve(server, caller, body.character)
+    entry = resolve(server, caller=caller, character=body.character)
     if not server.ready.is_set():
         raise HTTPException(503, detail="not ready: " + "; ".join(server.waiting_for))
     assert server.worker is not None
@@ -227,7 +227,7 @@ async def run_generation(server: InferenceServer, body: GenerationRequest, calle
         raise HTTPException(429, detail="the request queue is full; retry later", headers={"Retry-After": "1"})
     metrics.in_progress.inc()
     try:
-        lora = await fetch_lora(server, entry, body.version)
+        lora = await fetch_lora(server, entry, version=body.version)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
         job = GenerationJob(
             lora=lora,
@@ -259,7 +259,7 @@ async def run_generation(server: InferenceServer, body: GenerationRequest, calle
             metrics.rejected.labels(status="503").inc()
             raise HTTPException(503, detail="out of GPU memory for this request", headers={"Retry-After": "2"}) from err
         pngs = await run_in_threadpool(
-            lambda: [encode_png(image, provenance(server, job, index)) for index, image in enumerate(images)]
+            lambda: [encode_png(image, provenance(server, job, index=index)) for index, image in enumerate(images)]
         )
     finally:
         metrics.in_progress.dec()
@@ -304,7 +304,7 @@ def build_app(server: InferenceServer, *, tenants: Tenants | None) -> FastAPI:
     async def generate(body: GenerationRequest, caller: Caller) -> Response:
         started = time.perf_counter()
         try:
-            response = await run_generation(server, body, caller)
+            response = await run_generation(server, body, caller=caller)
         except HTTPException as err:
             metrics.request_seconds.labels(status=str(err.status_code)).observe(time.perf_counter() - started)
             raise

@@ -89,7 +89,7 @@ def check_base_model(entry: ServingEntry, base: BaseModel) -> None:
         )
 
 
-def check_manifest(entry: ServingEntry, manifest: Manifest, base: BaseModel) -> int:
+def check_manifest(entry: ServingEntry, manifest: Manifest, *, base: BaseModel) -> int:
     """Checks the table entry against the version's manifest; returns the expected file size."""
     if (manifest.base_model.family, manifest.base_model.version) != (base.family, base.version):
         raise LoRARefused(
@@ -171,7 +171,7 @@ class LoRAFetcher:
             tier = "remote"
             data = self._download(entry)
         state_dict = parse_lora_file(entry.lora_path, data)
-        self._remember(entry.sha256, state_dict, len(data))
+        self._remember(entry.sha256, state_dict, size=len(data))
         return state_dict, len(data), tier
 
     def _read_disk(self, entry: ServingEntry) -> bytes | None:
@@ -215,7 +215,7 @@ class LoRAFetcher:
 
     def _download(self, entry: ServingEntry) -> bytes:
         manifest = self.read_manifest(entry.manifest_uri)
-        expected_size = check_manifest(entry, manifest, self.base)
+        expected_size = check_manifest(entry, manifest, base=self.base)
         partial = self.cache_dir / f".{entry.sha256}.download"
         try:
             open_store(entry.lora_uri, self.s3).download_file(entry.lora_uri, partial)
@@ -235,7 +235,7 @@ class LoRAFetcher:
         self._trim_disk(keep=entry.sha256)
         return data
 
-    def _remember(self, sha256: str, state_dict: StateDict, size: int) -> None:
+    def _remember(self, sha256: str, state_dict: StateDict, *, size: int) -> None:
         with self._lock:
             self._cpu[sha256] = _CpuItem(state_dict, size)
             self._cpu.move_to_end(sha256)

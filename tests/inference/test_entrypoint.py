@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def test_entry_point_serves_an_sdxl_base(world: World, minio: MinioServer, tiny_sdxl: Path, tmp_path: Path) -> None:
     lora = build_lora_bytes(tiny_sdxl, seed=5)
-    entry = world.publish("team", "anna", "v1", lora=lora, pinned=True, family="sdxl", base_version="tiny-sdxl")
+    entry = world.publish("team", "anna", version="v1", lora=lora, pinned=True, family="sdxl", base_version="tiny-sdxl")
     table = tmp_path / "table.yaml"
     write_table(table, [entry])
     keys = tmp_path / "keys.yaml"

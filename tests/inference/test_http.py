@@ -50,7 +50,7 @@ def request(character: str = "team/anna", **fields: Any) -> dict[str, Any]:
 
 def test_ready_only_after_pinned_loras_load(world: World, start: Start) -> None:
     # The pinned version is in the table before its files exist: the server must not report ready.
-    pinned = world.publish("team", "anna", "v1", lora=world.loras[1], pinned=True)
+    pinned = world.publish("team", "anna", version="v1", lora=world.loras[1], pinned=True)
     missing = pinned.model_copy(update={"artifact_uri": pinned.artifact_uri.replace("/v1/", "/v9/")})
     running = start([missing])
     assert running.get("/healthz").status == 200
@@ -79,8 +79,8 @@ def test_ready_only_after_pinned_loras_load(world: World, start: Start) -> None:
 
 
 def test_characters_seeds_batch_invariance_and_provenance(world: World, start: Start) -> None:
-    anna = world.publish("team", "anna", "v1", lora=world.loras[1], pinned=True)
-    bob = world.publish("team", "bob", "v1", lora=world.loras[2])
+    anna = world.publish("team", "anna", version="v1", lora=world.loras[1], pinned=True)
+    bob = world.publish("team", "bob", version="v1", lora=world.loras[2])
     running = start([anna, bob])
     running.wait_ready()
 
@@ -121,7 +121,7 @@ def test_characters_seeds_batch_invariance_and_provenance(world: World, start: S
 
 
 def test_freeu_per_request_and_server_default(world: World, start: Start) -> None:
-    anna = world.publish("team", "anna", "v1", lora=world.loras[1])
+    anna = world.publish("team", "anna", version="v1", lora=world.loras[1])
     running = start([anna], freeu_default=FreeU(0.9, 0.2, 1.5, 1.6))
     running.wait_ready()
     default = running.post(request())
@@ -136,13 +136,13 @@ def test_freeu_per_request_and_server_default(world: World, start: Start) -> Non
 
 
 def test_errors_name_the_reason_and_are_never_500(world: World, start: Start) -> None:
-    anna = world.publish("team", "anna", "v1", lora=world.loras[1])
-    zed = world.publish("other", "zed", "v1", lora=world.loras[2])
+    anna = world.publish("team", "anna", version="v1", lora=world.loras[1])
+    zed = world.publish("other", "zed", version="v1", lora=world.loras[2])
     # The manifest records LoRA 4 (never fetched: the caches are content-addressed, so a cached copy of the genuine
     # bytes would rightly be served), but the bucket holds LoRA 3.
-    tampered = world.publish("team", "tampered", "v1", lora=world.loras[3], manifest_bytes=world.loras[4])
+    tampered = world.publish("team", "tampered", version="v1", lora=world.loras[3], manifest_bytes=world.loras[4])
     junk = world.publish(
-        "team", "junk", "v1", lora=safetensors_bytes({"unet.nothing.lora.down.weight": torch.ones(2, 2)})
+        "team", "junk", version="v1", lora=safetensors_bytes({"unet.nothing.lora.down.weight": torch.ones(2, 2)})
     )
     running = start([anna, zed, tampered, junk])
     running.wait_ready()
@@ -185,7 +185,7 @@ def test_errors_name_the_reason_and_are_never_500(world: World, start: Start) ->
 
 
 def test_full_queue_answers_429(world: World, start: Start) -> None:
-    anna = world.publish("team", "anna", "v1", lora=world.loras[1])
+    anna = world.publish("team", "anna", version="v1", lora=world.loras[1])
     running = start([anna], max_queue=1)
     running.wait_ready()
     # Hold the real worker busy with an internal task, so the queue fills deterministically.
@@ -211,8 +211,8 @@ def test_full_queue_answers_429(world: World, start: Start) -> None:
 
 
 def test_rollback_applies_to_the_next_request_and_spares_in_flight_ones(world: World, start: Start) -> None:
-    v1 = world.publish("team", "anna", "v1", lora=world.loras[1])
-    v2 = world.publish("team", "anna", "v2", lora=world.loras[2])
+    v1 = world.publish("team", "anna", version="v1", lora=world.loras[1])
+    v2 = world.publish("team", "anna", version="v2", lora=world.loras[2])
     running = start([v1])
     running.wait_ready()
     v1_image = running.post(request()).images()[0]
@@ -257,8 +257,8 @@ def test_rollback_applies_to_the_next_request_and_spares_in_flight_ones(world: W
 
 
 def test_metrics_move(world: World, start: Start) -> None:
-    anna = world.publish("team", "anna", "v1", lora=world.loras[1], pinned=True)
-    bob = world.publish("team", "bob", "v1", lora=world.loras[2])
+    anna = world.publish("team", "anna", version="v1", lora=world.loras[1], pinned=True)
+    bob = world.publish("team", "bob", version="v1", lora=world.loras[2])
     running = start([anna, bob])
     running.wait_ready()
     assert running.metric("charlora_lora_loads_total", tier="remote") == 1  # the pinned preload
@@ -281,7 +281,7 @@ def test_metrics_move(world: World, start: Start) -> None:
 
 def test_epoch_checkpoint_with_kohya_keys_is_served(world: World, kohya_lora: bytes, start: Start) -> None:
     # The trainer writes epoch checkpoints with kohya keys; LoRA 1 under kohya keys must draw what LoRA 1 draws.
-    epoch = world.publish("team", "anna", "v1", lora=world.loras[1], epochs={2: kohya_lora}, serve_epoch=2)
+    epoch = world.publish("team", "anna", version="v1", lora=world.loras[1], epochs={2: kohya_lora}, serve_epoch=2)
     final = epoch.model_copy(update={"epoch": None, "sha256": hashlib.sha256(world.loras[1]).hexdigest()})
     running = start([final])
     running.wait_ready()
@@ -294,8 +294,8 @@ def test_epoch_checkpoint_with_kohya_keys_is_served(world: World, kohya_lora: by
 
 
 def test_rollback_through_the_kubernetes_table(world: World, start: Start, kube: k8s.ApiClient, namespace: str) -> None:
-    v1 = world.publish(namespace, "anna", "v1", lora=world.loras[1], pinned=True)
-    v2 = world.publish(namespace, "anna", "v2", lora=world.loras[2], pinned=True)
+    v1 = world.publish(namespace, "anna", version="v1", lora=world.loras[1], pinned=True)
+    v2 = world.publish(namespace, "anna", version="v2", lora=world.loras[2], pinned=True)
     core = k8s.CoreV1Api(kube)
     core.create_namespaced_config_map(namespace, table_configmap(namespace, v2))
     running = start([], kube=kube)
@@ -320,10 +320,10 @@ def test_rollback_through_the_kubernetes_table(world: World, start: Start, kube:
 
 
 def test_characters_report_tiers_and_pins_survive_eviction(world: World, start: Start) -> None:
-    anna = world.publish("team", "anna", "v1", lora=world.loras[1], pinned=True)
-    bob = world.publish("team", "bob", "v1", lora=world.loras[2])
-    carol = world.publish("team", "carol", "v1", lora=world.loras[3])
-    dave = world.publish("team", "dave", "v1", lora=world.loras[4])
+    anna = world.publish("team", "anna", version="v1", lora=world.loras[1], pinned=True)
+    bob = world.publish("team", "bob", version="v1", lora=world.loras[2])
+    carol = world.publish("team", "carol", version="v1", lora=world.loras[3])
+    dave = world.publish("team", "dave", version="v1", lora=world.loras[4])
     running = start([anna, bob, carol, dave], resident_slots=1)
     running.wait_ready()
 

@@ -19,7 +19,7 @@ from tests.inference.lorafiles import BASE_VERSION, World, build_lora_bytes, pic
 BASE = BaseModel("sd15", BASE_VERSION)
 
 
-def fetcher(world: World, tmp_path: Path, metrics: Metrics | None = None) -> LoRAFetcher:
+def fetcher(world: World, tmp_path: Path, *, metrics: Metrics | None = None) -> LoRAFetcher:
     return LoRAFetcher(base=BASE, cache_dir=tmp_path / "cache", s3=world.s3, metrics=metrics)
 
 
@@ -49,9 +49,9 @@ def pixels(image: object) -> np.ndarray:
 
 
 def test_tiers_fetch_from_minio_then_disk_then_cpu(world: World, tmp_path: Path) -> None:
-    entry = world.publish("team", "anna", "v1", lora=world.loras[1])
+    entry = world.publish("team", "anna", version="v1", lora=world.loras[1])
     metrics = Metrics()
-    tiers = fetcher(world, tmp_path, metrics)
+    tiers = fetcher(world, tmp_path, metrics=metrics)
     assert tiers.where(entry) == "remote"
 
     first = tiers.fetch(entry)
@@ -78,7 +78,7 @@ def test_tiers_fetch_from_minio_then_disk_then_cpu(world: World, tmp_path: Path)
 
 def test_tampered_lora_is_refused(world: World, tmp_path: Path) -> None:
     # The manifest records LoRA 1, but the file in the bucket was replaced by LoRA 2.
-    entry = world.publish("team", "anna", "v1", lora=world.loras[2], manifest_bytes=world.loras[1])
+    entry = world.publish("team", "anna", version="v1", lora=world.loras[2], manifest_bytes=world.loras[1])
     tiers = fetcher(world, tmp_path)
     with pytest.raises(LoRARefused, match="sha256"):
         tiers.fetch(entry)
@@ -87,7 +87,7 @@ def test_tampered_lora_is_refused(world: World, tmp_path: Path) -> None:
 
 
 def test_table_sha_must_match_the_manifest(world: World, tmp_path: Path) -> None:
-    entry = world.publish("team", "anna", "v1", lora=world.loras[1])
+    entry = world.publish("team", "anna", version="v1", lora=world.loras[1])
     wrong = entry.model_copy(update={"sha256": "0" * 64})
     with pytest.raises(LoRARefused, match="differs from the manifest"):
         fetcher(world, tmp_path).fetch(wrong)
@@ -97,13 +97,13 @@ def test_pickled_checkpoints_are_refused(world: World, tmp_path: Path) -> None:
     with pytest.raises(LoRARefused, match=r"only \.safetensors"):
         parse_lora_file("lora.ckpt", world.loras[1])
     # A pickle under the safetensors name, with a matching checksum: still never unpickled.
-    entry = world.publish("team", "anna", "v1", lora=pickled_checkpoint())
+    entry = world.publish("team", "anna", version="v1", lora=pickled_checkpoint())
     with pytest.raises(LoRARefused, match="not a valid safetensors"):
         fetcher(world, tmp_path).fetch(entry)
 
 
 def test_base_model_mismatch_is_refused(world: World, tmp_path: Path) -> None:
-    entry = world.publish("team", "anna", "v1", lora=world.loras[1], base_version="sd15-other")
+    entry = world.publish("team", "anna", version="v1", lora=world.loras[1], base_version="sd15-other")
     with pytest.raises(LoRARefused, match="base model"):
         fetcher(world, tmp_path).fetch(entry)
     # The table says the right base, but the manifest says otherwise: the manifest wins.
@@ -130,8 +130,8 @@ def test_switching_resident_adapters_reloads_nothing_and_matches_diffusers(
     world: World, tmp_path: Path, pipeline: BasePipeline
 ) -> None:
     tiers = fetcher(world, tmp_path)
-    anna = tiers.fetch(world.publish("team", "anna", "v1", lora=world.loras[1]))
-    bob = tiers.fetch(world.publish("team", "bob", "v1", lora=world.loras[2]))
+    anna = tiers.fetch(world.publish("team", "anna", version="v1", lora=world.loras[1]))
+    bob = tiers.fetch(world.publish("team", "bob", version="v1", lora=world.loras[2]))
     assert pipeline.metrics is not None
     assert pipeline.adapters is not None
 
@@ -158,7 +158,8 @@ def test_switching_resident_adapters_reloads_nothing_and_matches_diffusers(
 def test_eviction_is_lru_and_respects_pins(world: World, tmp_path: Path, tiny_base: Path) -> None:
     tiers = fetcher(world, tmp_path)
     loras = {
-        seed: tiers.fetch(world.publish("team", f"c{seed}", "v1", lora=world.loras[seed])) for seed in (1, 2, 3, 4)
+        seed: tiers.fetch(world.publish("team", f"c{seed}", version="v1", lora=world.loras[seed]))
+        for seed in (1, 2, 3, 4)
     }
     pinned = {loras[1].entry.sha256}
     pipeline = BasePipeline(
@@ -190,7 +191,7 @@ def test_concurrent_requests_never_see_each_others_adapter(
     world: World, tmp_path: Path, pipeline: BasePipeline
 ) -> None:
     tiers = fetcher(world, tmp_path)
-    loras = [tiers.fetch(world.publish("team", f"c{seed}", "v1", lora=world.loras[seed])) for seed in (1, 2, 3)]
+    loras = [tiers.fetch(world.publish("team", f"c{seed}", version="v1", lora=world.loras[seed])) for seed in (1, 2, 3)]
     expected = [pixels(pipeline.generate(job(lora))[0]) for lora in loras]
 
     worker = PipelineWorker(max_queue=64)
@@ -231,8 +232,8 @@ def test_worker_queue_is_bounded() -> None:
 def test_batch_invariance_and_switching_on_cuda(world: World, tmp_path: Path, tiny_base: Path) -> None:
     # On a GPU, batched kernels differ most by batch shape: image 0 of n = 4 must still be bitwise image 0 of n = 1.
     tiers = fetcher(world, tmp_path)
-    anna = tiers.fetch(world.publish("team", "anna", "v1", lora=world.loras[1]))
-    bob = tiers.fetch(world.publish("team", "bob", "v1", lora=world.loras[2]))
+    anna = tiers.fetch(world.publish("team", "anna", version="v1", lora=world.loras[1]))
+    bob = tiers.fetch(world.publish("team", "bob", version="v1", lora=world.loras[2]))
     pipeline = BasePipeline(
         path=tiny_base,
         base=BASE,
@@ -251,7 +252,7 @@ def test_batch_invariance_and_switching_on_cuda(world: World, tmp_path: Path, ti
 
 
 def test_cpu_and_disk_tiers_are_bounded_lru(world: World, tmp_path: Path) -> None:
-    entries = [world.publish("team", f"c{seed}", "v1", lora=world.loras[seed]) for seed in (1, 2, 3)]
+    entries = [world.publish("team", f"c{seed}", version="v1", lora=world.loras[seed]) for seed in (1, 2, 3)]
     size = len(world.loras[1])
     assert all(len(world.loras[seed]) == size for seed in (2, 3))
     # Room for two files in each tier.
@@ -276,8 +277,8 @@ def test_text_encoder_adapters_never_leak_into_unet_only_characters(
     tiers = fetcher(world, tmp_path)
     with_encoder = build_lora_bytes(tiny_base, seed=7, text_encoder=True)
     assert any(key.startswith("text_encoder.") for key in load_safetensors(with_encoder))
-    anna = tiers.fetch(world.publish("team", "anna", "v1", lora=with_encoder))
-    bob = tiers.fetch(world.publish("team", "bob", "v1", lora=world.loras[2]))
+    anna = tiers.fetch(world.publish("team", "anna", version="v1", lora=with_encoder))
+    bob = tiers.fetch(world.publish("team", "bob", version="v1", lora=world.loras[2]))
 
     fresh = BasePipeline(
         path=tiny_base,
@@ -299,7 +300,7 @@ def test_text_encoder_adapters_never_leak_into_unet_only_characters(
 
 def test_batch_invariance_holds_before_quantisation(world: World, tmp_path: Path, pipeline: BasePipeline) -> None:
     # Compared as float32 pixels, not PNGs: a batch-shape difference of ~1e-6 would vanish in 8-bit rounding.
-    anna = fetcher(world, tmp_path).fetch(world.publish("team", "anna", "v1", lora=world.loras[1]))
+    anna = fetcher(world, tmp_path).fetch(world.publish("team", "anna", version="v1", lora=world.loras[1]))
     single = pipeline.render(job(anna, seed=21), output_type="np")
     batch = pipeline.render(job(anna, seed=20, n=4), output_type="np")
     assert batch[1].dtype == np.float32

@@ -25,7 +25,7 @@ SHA_B = "b" * 64
 
 
 def entry(
-    namespace: str, character: str, version: str = "v1", *, sha256: str = SHA_A, pinned: bool = False
+    namespace: str, character: str, *, version: str = "v1", sha256: str = SHA_A, pinned: bool = False
 ) -> ServingEntry:
     return ServingEntry(
         namespace=namespace,
@@ -47,7 +47,7 @@ def write_table(path: Path, entries: list[ServingEntry]) -> None:
 
 
 def test_entry_paths_follow_the_artifact_layout() -> None:
-    final = entry("team", "anna", "v3")
+    final = entry("team", "anna", version="v3")
     assert final.lora_uri == "s3://bucket/loras/team/anna/v3/lora.diffusers.safetensors"
     assert final.manifest_uri == "s3://bucket/loras/team/anna/v3/manifest.json"
     assert final.model_copy(update={"epoch": 7}).lora_path == "epochs/e007.safetensors"
@@ -78,17 +78,17 @@ def test_file_source_applies_changes_and_keeps_the_last_good_table(tmp_path: Pat
         assert table.synced.is_set()
 
         started = time.monotonic()
-        write_table(path, [entry("team", "anna", "v2", sha256=SHA_B)])
+        write_table(path, [entry("team", "anna", version="v2", sha256=SHA_B)])
         wait_for(lambda: (got := table.get("team/anna")) is not None and got.version == "v2", timeout=5, what="v2")
         assert time.monotonic() - started < 1.0
-        assert changes[-1] == {"team/anna": entry("team", "anna", "v2", sha256=SHA_B)}
+        assert changes[-1] == {"team/anna": entry("team", "anna", version="v2", sha256=SHA_B)}
 
         path.write_text("")  # a write in progress: keeps serving v2
         wait_for(lambda: source.last_error is not None, timeout=5, what="the empty file")
-        assert table.get("team/anna") == entry("team", "anna", "v2", sha256=SHA_B)
+        assert table.get("team/anna") == entry("team", "anna", version="v2", sha256=SHA_B)
         path.write_text("entries: [{namespace: team}]")  # invalid: keeps serving v2
         wait_for(lambda: "character" in (source.last_error or ""), timeout=5, what="the parse error naming the field")
-        assert table.get("team/anna") == entry("team", "anna", "v2", sha256=SHA_B)
+        assert table.get("team/anna") == entry("team", "anna", version="v2", sha256=SHA_B)
 
         write_table(path, [])
         wait_for(lambda: table.get("team/anna") is None, timeout=5, what="removal")
@@ -129,7 +129,7 @@ def test_kubernetes_source_applies_each_change_within_a_second(kube: k8s.ApiClie
 
         # Promotion: one small write to one object.
         started = time.monotonic()
-        bob = entry(namespace, "bob", "v1")
+        bob = entry(namespace, "bob", version="v1")
         core.create_namespaced_config_map(namespace, configmap(namespace, bob))
         promoted = anna.model_copy(update={"version": "v2", "sha256": SHA_B})
         core.replace_namespaced_config_map(
