@@ -133,6 +133,13 @@ def check_kohya(blobs: dict[str, bytes], tmp_path: Path, *, family: str, text_en
     assert (header["ss_epoch"], header["ss_steps"], header["ss_num_train_images"]) == ("2", "18", "12")
     assert header["modelspec.architecture"].endswith("/lora")
     assert header["ss_sd_model_version"] == "tiny-1"
+    assert json.loads(header["ss_dataset_dirs"]) == {
+        "1_anna": {"n_repeats": 1, "img_count": 6},
+        "2_anna": {"n_repeats": 2, "img_count": 6},
+    }
+    tags = json.loads(header["ss_tag_frequency"])
+    assert tags["2_anna"]["a person standing in a park"] == 2  # images 0 and 3 of that folder
+    assert sum(tags["1_anna"].values()) == 12  # two tags per caption
     return lora_path
 
 

@@ -586,7 +586,27 @@ class LoRARecipe:
             "sd_model_version": self.config.base_model.version,
             "dataset_uri": self.config.dataset.uri,
             "dataset_revision": self.config.dataset.revision,
+            # What kohya's tools and AUTOMATIC1111's LoRA info show: folders with repeats, caption tag counts.
+            "dataset_dirs": json.dumps(self._dataset_dirs()),
+            "tag_frequency": json.dumps(self._tag_frequency()),
         }
+
+    def _dataset_dirs(self) -> dict[str, dict[str, int]]:
+        dirs: dict[str, dict[str, int]] = {}
+        for item in self.dataset.items:
+            folder = item.relative.rpartition("/")[0] or "."
+            entry = dirs.setdefault(folder, {"n_repeats": item.repeats, "img_count": 0})
+            entry["img_count"] += 1
+        return dirs
+
+    def _tag_frequency(self) -> dict[str, dict[str, int]]:
+        frequency: dict[str, dict[str, int]] = {}
+        for item in self.dataset.items:
+            tags = frequency.setdefault(item.relative.rpartition("/")[0] or ".", {})
+            for tag in (t.strip() for t in (item.caption or "").split(",")):
+                if tag:
+                    tags[tag] = tags.get(tag, 0) + 1
+        return frequency
 
     def _save_epoch(self, epoch: int) -> None:
         path = self.kohya_file(self.lora_state(), self.out_dir / artifacts.epoch_file(epoch), epoch=epoch)
