@@ -27,6 +27,7 @@ if not all(find_spec(module) for module in INFERENCE_EXTRAS):
         "test_http.py",
         "test_entrypoint.py",
         "test_trainer_output.py",
+        "test_bench.py",
         "http.py",
         "lorafiles.py",
     ]
