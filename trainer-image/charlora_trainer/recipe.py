@@ -354,6 +354,9 @@ class LoRARecipe:
         if name == "Prodigy":
             from prodigyopt import Prodigy  # type: ignore[import-untyped]  # noqa: PLC0415 - only Prodigy needs it
 
+            if any(group["lr"] < 0.1 for group in groups):
+                # Prodigy estimates the step size itself; its learning rate is a multiplier, normally 1.
+                self.log("Prodigy usually wants a learning rate of about 1; the configured rates scale its steps down")
             prodigy: torch.optim.Optimizer = Prodigy(groups, weight_decay=1e-2, safeguard_warmup=True)
             return prodigy
         return torch.optim.AdamW(groups, weight_decay=1e-2)
@@ -444,7 +447,7 @@ class LoRARecipe:
             latents = self._encode_pixels(batch.pixels, generator)
         scheduler = self.base.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
-        if self.spec.noise_offset:
+        if self.spec.noise_offset and float(self.spec.noise_offset) > 0:
             offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
             noise = noise + float(self.spec.noise_offset) * offset.to(self.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
