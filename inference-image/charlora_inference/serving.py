@@ -65,7 +65,7 @@ class InferenceServer:
         return BaseModel(self.settings.base_family, self.settings.base_version)
 
     def is_pinned(self, sha256: str) -> bool:
-        return any(entry.sha256 == sha256 for entry in self.table.pinned())
+        return sha256 in self.table.pinned_shas()
 
     def start(self) -> InferenceServer:
         """Loads the base (blocking) and starts the worker and the pinned-LoRA preloader."""

@@ -42,6 +42,7 @@ class ServingTable:
         self.revision = 0
         self._sources_expected = 1
         self._sources_synced: set[str] = set()
+        self._pinned_shas: frozenset[str] = frozenset()
 
     def expect_sources(self, count: int) -> None:
         """The table is synced once ``count`` sources (e.g. one watch per namespace) have each listed once."""
@@ -68,6 +69,10 @@ class ServingTable:
         with self._lock:
             return sorted(self._entries.values(), key=lambda entry: entry.key)
 
+    def pinned_shas(self) -> frozenset[str]:
+        """The files of every pinned row (kept up to date on each change: eviction asks for every adapter)."""
+        return self._pinned_shas
+
     def pinned(self) -> list[ServingEntry]:
         return [entry for entry in self.entries() if entry.pinned]
 
@@ -90,23 +95,34 @@ class ServingTable:
             else:
                 self._entries = {key: entry for key, entry in self._entries.items() if key not in current} | wanted
             self.revision += 1
+            self._recount_pinned()
         self._notify(changes)
+
+    def _recount_pinned(self) -> None:
+        # Only on changes that touch a pinned row: the pinned rows are few, the table may hold 10,000.
+        self._pinned_shas = frozenset(entry.sha256 for entry in self._entries.values() if entry.pinned)
 
     def put(self, entry: ServingEntry) -> None:
         if not self.allows(entry.namespace):
             return
         with self._lock:
-            if self._entries.get(entry.key) == entry:
+            previous = self._entries.get(entry.key)
+            if previous == entry:
                 return
             self._entries[entry.key] = entry
             self.revision += 1
+            if entry.pinned or (previous is not None and previous.pinned):
+                self._recount_pinned()
         self._notify({entry.key: entry})
 
     def remove(self, key: str) -> None:
         with self._lock:
-            if self._entries.pop(key, None) is None:
+            previous = self._entries.pop(key, None)
+            if previous is None:
                 return
             self.revision += 1
+            if previous.pinned:
+                self._recount_pinned()
         self._notify({key: None})
 
     def _notify(self, changes: dict[str, ServingEntry | None]) -> None:

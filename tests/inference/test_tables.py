@@ -211,6 +211,11 @@ def test_namespaced_replace_keeps_other_namespaces() -> None:
     table.replace([entry("a", "x"), entry("b", "y")])
     table.replace([entry("a", "z")], namespace="a")
     assert [item.key for item in table.entries()] == ["a/z", "b/y"]
+    assert table.pinned_shas() == frozenset()
+    table.put(entry("b", "y", sha256=SHA_B, pinned=True))
+    assert table.pinned_shas() == {SHA_B}
+    table.remove("b/y")
+    assert table.pinned_shas() == frozenset()
 
 
 def test_entries_from_a_newer_operator_are_still_read() -> None:
