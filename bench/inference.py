@@ -8,18 +8,22 @@ Run from the repository root: ``python -m bench.inference [--requests 40]``. Pri
     >= 0.9x throughput;
 (c) a cold LoRA load from the local disk cache vs from MinIO (tiny LoRA and a 64 MiB one);
 (d) with CUDA only: an SDXL-architecture UNet with random weights, 1024 px (128x128 latents, CFG batch 2), 30 steps,
-    with and without a rank-32 LoRA active — target overhead <= 5%.
+    with and without a rank-32 LoRA active — target overhead <= 5%;
+(e) with ``--characters N``: the serving table from N per-character ConfigMaps on a real kube-apiserver — time to
+    list them all, and how long one promotion takes to reach the watching table.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import secrets
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ import boto3
 import torch
 from tests.inference.lorafiles import World, build_lora_bytes
 
+from charlora.api.serving import ServingEntry
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.tiny_models import build_tiny_pipeline
 from charlora.devtools.tools import Toolbox
@@ -189,10 +194,69 @@ def bench_gpu_overhead() -> Row:
     )
 
 
+def bench_table_scale(characters: int) -> Row:
+    from kubernetes import client as k8s  # noqa: PLC0415
+    from tests.world import api_client_for  # noqa: PLC0415
+
+    from charlora.api.serving import build_table_configmap  # noqa: PLC0415
+    from charlora.devtools.controlplane import ControlPlane  # noqa: PLC0415
+    from charlora_inference.tables import KubernetesTableSource, ServingTable  # noqa: PLC0415
+
+    plane = ControlPlane(Toolbox()).start()
+    try:
+        with api_client_for(plane) as api:
+            core = k8s.CoreV1Api(api)
+            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name="chars")))
+
+            def entry(index: int, version: str = "v1") -> ServingEntry:
+                return ServingEntry(
+                    namespace="chars",
+                    character=f"c{index:05d}",
+                    version=version,
+                    artifact_uri=f"s3://b/chars/c{index:05d}/{version}/",
+                    sha256=hashlib.sha256(f"{index}{version}".encode()).hexdigest(),
+                    base_model_family="sd15",
+                    base_model_version="x",
+                )
+
+            def body(item: ServingEntry) -> Any:
+                return build_table_configmap(item, server="s", server_namespace="n")
+
+            def create(index: int) -> None:
+                core.create_namespaced_config_map("chars", body(entry(index)))
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(create, range(characters)))
+            table = ServingTable()
+            started = time.perf_counter()
+            source = KubernetesTableSource(api, table, server="s", server_namespace="n").start()
+            table.synced.wait(300)
+            listed = time.perf_counter() - started
+            assert len(table.entries()) == characters
+            changes = []
+            for index in range(0, characters, max(1, characters // 10)):  # ten promotions, one at a time
+                promoted = entry(index, "v2")
+                started = time.perf_counter()
+                core.replace_namespaced_config_map(body(promoted)["metadata"]["name"], "chars", body(promoted))
+                while table.get(promoted.key) != promoted:
+                    time.sleep(0.001)
+                changes.append(time.perf_counter() - started)
+            source.stop()
+    finally:
+        plane.stop()
+    return (
+        f"(e) table of {characters} ConfigMaps: promotion seen vs full list",
+        f"{statistics.median(changes) * 1e3:.0f} ms",
+        f"{listed:.2f} s",
+        "one row per object; target: a change within ~1 s",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=40, help="requests per stream in (b)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models)")
+    parser.add_argument("--characters", type=int, default=0, help="also measure (e) with this many table ConfigMaps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[Row] = []
@@ -239,6 +303,8 @@ def main() -> None:
         rows.append(bench_gpu_overhead())
     else:
         rows.append(("(d) SDXL UNet 1024px x 30 steps, LoRA vs none", "-", "-", "not measured: no CUDA device"))
+    if args.characters:
+        rows.append(bench_table_scale(args.characters))
     header: Row = ("measurement", "ours", "baseline", "ratio")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
