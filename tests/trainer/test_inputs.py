@@ -119,3 +119,20 @@ def test_default_workdir_follows_the_job_environment(tmp_path: Path) -> None:
     tmpdir = tmp_path / "scratch" / "tmp"  # the Job sets TMPDIR into its emptyDir, where it does not exist yet
     assert default_workdir({"TMPDIR": str(tmpdir)}) == tmpdir / "charlora-trainer"
     assert tmpdir.is_dir()
+
+
+def test_background_uploads_keep_order_and_raise_failures() -> None:
+    from charlora_trainer.recipe import BackgroundUploads  # noqa: PLC0415 - one helper of the recipe
+
+    uploads, done = BackgroundUploads(), []
+    for index in range(5):
+        uploads.submit(lambda index=index: done.append(index))  # type: ignore[misc]
+    uploads.wait()
+    assert done == [0, 1, 2, 3, 4]
+
+    def fail() -> None:
+        raise OSError("connection reset")
+
+    uploads.submit(fail)
+    with pytest.raises(OSError, match="connection reset"):
+        uploads.wait()

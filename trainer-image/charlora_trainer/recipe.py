@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,28 @@ def _crop_of(size: tuple[int, int], bucket: bucketing.Bucket) -> tuple[int, int]
     return (resized_h - bucket.height) // 2, (resized_w - bucket.width) // 2
 
 
+class BackgroundUploads:
+    """One upload thread, so the GPU trains on while epoch files and resume state go to the store (in order).
+
+    A failed upload is raised at the next ``submit`` or at ``wait``: the run fails (and is retried) instead of
+    finishing with a hole.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="charlora-upload")
+        self._pending: list[Future[None]] = []
+
+    def submit(self, upload: Callable[[], None]) -> None:
+        for done in [f for f in self._pending if f.done()]:
+            self._pending.remove(done)
+            done.result()
+        self._pending.append(self._pool.submit(upload))
+
+    def wait(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
+
+
 class LoRARecipe:
     """Trains one character LoRA version as configured by a :class:`TrainingJobConfig`."""
 
@@ -126,6 +150,7 @@ class LoRARecipe:
         self.step_seconds: list[float] = []
         self.resumed_from: int | None = None
         self._batches: dict[int, list[list[int]]] = {}  # the current epoch's batch order
+        self.uploads = BackgroundUploads()
 
     # ---------------------------------------------------------------- setup
 
@@ -613,7 +638,7 @@ class LoRARecipe:
 
     def _save_epoch(self, epoch: int) -> None:
         path = self.kohya_file(self.lora_state(), self.out_dir / artifacts.epoch_file(epoch), epoch=epoch)
-        self._publish_file(artifacts.epoch_file(epoch), path)
+        self.uploads.submit(lambda: self._upload(artifacts.epoch_file(epoch), path))
         if epoch not in self.saved_epochs:
             self.saved_epochs.append(epoch)
         self.log(f"Saved epoch {epoch} at step {self.step}")
@@ -632,16 +657,22 @@ class LoRARecipe:
         torch.save(self.optimizer.state_dict(), local / "optimizer.pt")
         torch.save(self.lr_scheduler.state_dict(), local / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(), "generator": self.generator.get_state()}, local / "rng.pt")
-        for file in sorted(local.iterdir()):
-            self._upload(name + file.name, file)
-        state = {"step": self.step, "prefix": name, "savedEpochs": self.saved_epochs, "loss": self.last_loss}
-        # latest.json is written only after every file of the state is in: a half-upload is never referenced.
-        self.store.write_bytes(self.output_uri + LATEST_CHECKPOINT, json.dumps(state).encode())
-        for info in self.store.list(self.output_uri + artifacts.CHECKPOINTS_DIR):
-            relative = info.uri.removeprefix(self.output_uri)
-            if relative.startswith(f"{artifacts.CHECKPOINTS_DIR}step-") and not relative.startswith(name):
-                self.store.delete_prefix(info.uri)
-        self.log(f"Saved resume state at step {self.step}")
+        state = {"step": self.step, "prefix": name, "savedEpochs": list(self.saved_epochs), "loss": self.last_loss}
+        step = self.step
+
+        def upload() -> None:
+            for file in sorted(local.iterdir()):
+                self._upload(name + file.name, file)
+            # latest.json is written only after every file of the state is in: a half-upload is never referenced.
+            self.store.write_bytes(self.output_uri + LATEST_CHECKPOINT, json.dumps(state).encode())
+            for info in self.store.list(self.output_uri + artifacts.CHECKPOINTS_DIR):
+                relative = info.uri.removeprefix(self.output_uri)
+                if relative.startswith(f"{artifacts.CHECKPOINTS_DIR}step-") and not relative.startswith(name):
+                    self.store.delete_prefix(info.uri)
+            shutil.rmtree(local, ignore_errors=True)
+            self.log(f"Saved resume state at step {step}")
+
+        self.uploads.submit(upload)
 
     def _resume(self) -> None:
         try:
@@ -676,6 +707,7 @@ class LoRARecipe:
         """
         from charlora_trainer.publishing import publish_version  # noqa: PLC0415 - keeps this module readable
 
+        self.uploads.wait()  # every epoch file is in the store before the manifest can name it
         self.accelerator.wait_for_everyone()
         return publish_version(self) if self.is_main else None
 
