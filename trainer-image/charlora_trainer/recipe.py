@@ -161,7 +161,8 @@ class LoRARecipe:
     def setup(self) -> None:
         """Lint the dataset (before any GPU work), load the base model, add adapters, fill caches, resume."""
         self._setup_accelerator()
-        self.progress.write(step=0, total_steps=0, epoch=0, phase="preparing", force=True)
+        if not self.store.exists(self.progress.uri):  # a resumed pod keeps showing the last pod's step meanwhile
+            self.progress.write(step=0, total_steps=0, epoch=0, phase="preparing", force=True)
         self.dataset = self._lint()
         model_path = locate_base_model(
             self.config.base_model, cache_dir=self.workdir / "models", settings=self.settings
