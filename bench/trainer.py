@@ -27,11 +27,9 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
 from charlora.api.trainingjob import TrainingJobConfig
+from charlora.devtools.datasets import write_kohya_dataset
 from charlora.devtools.tiny_models import build_tiny_pipeline
 from charlora_trainer.recipe import UNET_TARGETS, LoRARecipe
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.trainer.datasets import write_kohya_dataset
 
 # The public diffusers configs of the two UNets (runwayml SD1.5 and stabilityai SDXL base 1.0), weights excluded.
 SD15_UNET: dict[str, Any] = {

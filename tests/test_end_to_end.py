@@ -17,11 +17,11 @@ import pytest
 from kubernetes import client as k8s
 
 from charlora.devtools.controlplane import ControlPlane
+from charlora.devtools.datasets import write_kohya_dataset
 from charlora.devtools.kubelet import run_pod_locally
 from charlora.devtools.operating import OperatorProcess
 from charlora.devtools.processes import wait_for
 from charlora.devtools.tiny_models import build_tiny_pipeline
-from tests.trainer.datasets import write_kohya_dataset
 
 pytestmark = pytest.mark.workloads
 TRAINER = [sys.executable, "-m", "charlora_trainer"]

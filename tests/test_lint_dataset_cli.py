@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from charlora.devtools.datasets import write_kohya_dataset
 from charlora.devtools.minio import MinioServer
-from tests.trainer.datasets import write_kohya_dataset
 
 
 def _lint(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -15,9 +15,9 @@ from charlora.storing import S3Settings
 
 trainer = pytest.importorskip("charlora_trainer.__main__", reason="needs the trainer package")
 
+from charlora.devtools.datasets import write_kohya_dataset  # noqa: E402
 from tests.inference.http import RunningServer, start_server  # noqa: E402
 from tests.trainer.conftest import job_config, write_config  # noqa: E402
-from tests.trainer.datasets import write_kohya_dataset  # noqa: E402
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from charlora.api.trainingjob import TrainingJobConfig
+from charlora.devtools.datasets import write_kohya_dataset
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.tiny_models import build_tiny_pipeline
 from charlora.storing import S3Settings, open_store
 from charlora_trainer.recipe import LoRARecipe
-from tests.trainer.datasets import write_kohya_dataset
 
 
 @pytest.fixture(scope="session")

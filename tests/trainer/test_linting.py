@@ -14,13 +14,13 @@ from PIL import Image
 
 from charlora.api.characterlora import DatasetSpec
 from charlora.api.trainingjob import BAD_INPUT_EXIT_CODE
+from charlora.devtools.datasets import write_image, write_kohya_dataset
 from charlora.storing import S3Settings, open_store
 from charlora_trainer.__main__ import main
 from charlora_trainer.datasets import scan_dataset
 from charlora_trainer.failing import TERMINATION_LOG_ENV
 from charlora_trainer.linting import lint_dataset
 from tests.trainer.conftest import job_config, write_config
-from tests.trainer.datasets import write_image, write_kohya_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

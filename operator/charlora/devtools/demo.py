@@ -1,9 +1,11 @@
-"""``python -m charlora.devtools demo``: the operator's whole lifecycle on this machine, no cluster needed.
+"""``python -m charlora.devtools demo``: the whole lifecycle on this machine, no cluster and no GPU needed.
 
-Starts the test world (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok nodes with GPUs,
-MinIO), installs the CRDs from crds/, runs the real operator, applies examples/anna-lora.yaml and
-examples/minimal-sd15.yaml, and plays the trainer's side: progress for anna, then a successful v1 for anna and a
-refused dataset for bob. Prints what ``kubectl`` shows at each step, then tears everything down.
+Starts the test world (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok nodes, MinIO), installs
+the CRDs from crds/, runs the real operator, and applies two CharacterLoRAs on a tiny random SD1.5-like base model
+with generated datasets in MinIO: ``anna`` (a good dataset) and ``bob`` (an image without a caption). When each
+training Job's pod starts on its kwok node, the real trainer runs as a local process with the pod's environment
+(charlora.devtools.kubelet) and the pod ends with the trainer's exit code. Prints what ``kubectl`` shows at each
+step, then tears everything down.
 """
 
 from __future__ import annotations
@@ -11,17 +13,23 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import yaml
 from kubernetes import client as k8s
 
 from charlora.devtools.controlplane import ControlPlane, api_client_for
+from charlora.devtools.datasets import write_kohya_dataset
+from charlora.devtools.kubelet import run_pod_locally
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.operating import OperatorProcess
 from charlora.devtools.processes import wait_for
-from charlora.devtools.standin import write_artifacts, write_progress
+from charlora.devtools.tiny_models import build_tiny_pipeline
 from charlora.devtools.tools import Toolbox
 
 NAMESPACE = "companions"
@@ -67,34 +75,37 @@ def run_demo(repo: Path) -> None:
                     },
                 ),
             )
-            with tempfile.TemporaryDirectory(prefix="charlora-demo-") as work:
-                operator = OperatorProcess(plane, minio, BUCKET, Path(work), progress_interval=1.0).start()
-                kubectl_run(
-                    "apply",
-                    "-n",
-                    NAMESPACE,
-                    "-f",
-                    str(repo / "examples" / "anna-lora.yaml"),
-                    "-f",
-                    str(repo / "examples" / "minimal-sd15.yaml"),
+            with tempfile.TemporaryDirectory(prefix="charlora-demo-") as work_dir:
+                work = Path(work_dir)
+                base = build_tiny_pipeline("sd15", work / "tiny-sd15")
+                anna_data = write_kohya_dataset(work / "anna", folders={"4_anna": 8})
+                bob_data = write_kohya_dataset(work / "bob", folders={"4_bob": 8}, seed=1)
+                (bob_data / "4_bob" / "img003.txt").unlink()  # the mistake the trainer's lint catches
+                manifests = work / "characters.yaml"
+                manifests.write_text(
+                    yaml.safe_dump_all(
+                        [
+                            _character("anna", base=base, dataset=_upload(s3, anna_data, "datasets/anna")),
+                            _character("bob", base=base, dataset=_upload(s3, bob_data, "datasets/bob")),
+                        ],
+                        sort_keys=False,
+                    )
                 )
-                anna = wait_for(lambda: _running_pod(core, "anna-v1"), timeout=60, what="anna's training pod")
-                bob = wait_for(lambda: _running_pod(core, "bob-v1"), timeout=60, what="bob's training pod")
-                write_progress(s3, BUCKET, f"loras/{NAMESPACE}/anna/v1/", step=420, total=1200, epoch=5, loss=0.0813)
-                time.sleep(3)
-                kubectl_run("get", "characterloras,jobs", "-n", NAMESPACE)
+                print(f"\n# {manifests.name}: two characters on a tiny random SD1.5-like base\n{manifests.read_text()}")
 
-                write_artifacts(
-                    s3, BUCKET, f"loras/{NAMESPACE}/anna/v1/", namespace=NAMESPACE, name="anna", version="v1"
-                )
-                plane.finish_pod(NAMESPACE, anna, exit_code=0)
-                plane.finish_pod(
-                    NAMESPACE,
-                    bob,
-                    exit_code=3,
-                    message="dataset lint: 2 images have no caption: 5_bob/001.png, 5_bob/007.png",
-                )
-                time.sleep(5)
+                operator = OperatorProcess(plane, minio, BUCKET, work / "operator", progress_interval=1.0).start()
+                kubectl_run("apply", "-n", NAMESPACE, "-f", str(manifests))
+                runs = {
+                    name: threading.Thread(target=_run_trainer, args=(core, plane, name, work), daemon=True)
+                    for name in ("anna", "bob")
+                }
+                for thread in runs.values():
+                    thread.start()
+                time.sleep(8)
+                kubectl_run("get", "characterloras,jobs", "-n", NAMESPACE)
+                for thread in runs.values():
+                    thread.join(timeout=900)
+                wait_for(lambda: _finished(api, ("anna", "bob")), timeout=60, what="both versions to be recorded")
                 kubectl_run("get", "clora", "-n", NAMESPACE)
                 kubectl_run(
                     "get",
@@ -111,6 +122,64 @@ def run_demo(repo: Path) -> None:
             operator.stop()
         minio.stop()
         plane.stop()
+
+
+def _character(name: str, *, base: Path, dataset: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "charlora.dev/v1alpha1",
+        "kind": "CharacterLoRA",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"family": "sd15", "uri": str(base), "version": "tiny-sd15"},
+            "dataset": {"uri": dataset, "minImages": 4, "characterToken": name},
+            "training": {
+                "rank": 4,
+                "alpha": 4,
+                "epochs": 4,
+                "saveEveryNEpochs": 2,
+                "resolution": 64,
+                "mixedPrecision": "no",
+                "buckets": {"minResolution": 64},
+                "samplePrompts": ["a person in a park"],
+                "gridCfgScales": ["4", "7"],
+            },
+            "resources": {"gpus": 0},
+        },
+    }
+
+
+def _upload(s3: Any, local: Path, prefix: str) -> str:
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(local).as_posix()}")
+    return f"s3://{BUCKET}/{prefix}/"
+
+
+def _run_trainer(core: k8s.CoreV1Api, plane: ControlPlane, name: str, work: Path) -> None:
+    """The stand-in kubelet: the trainer runs for the pod of <name>-v1, and the pod ends with its exit code."""
+    pod = wait_for(lambda: _running_pod(core, f"{name}-v1"), timeout=60, what=f"{name}'s training pod")
+    run = run_pod_locally(
+        core,
+        NAMESPACE,
+        pod,
+        command=[sys.executable, "-m", "charlora_trainer"],
+        workdir=work / f"pod-{name}",
+        timeout=900,
+    )
+    plane.finish_pod(NAMESPACE, pod, exit_code=run.exit_code, message=run.termination_message)
+
+
+def _finished(api: k8s.ApiClient, names: tuple[str, ...]) -> bool:
+    custom: Any = k8s.CustomObjectsApi(api)
+    for name in names:
+        versions = (
+            custom.get_namespaced_custom_object("charlora.dev", "v1alpha1", NAMESPACE, "characterloras", name).get(
+                "status"
+            )
+            or {}
+        ).get("versions") or []
+        if not versions or versions[-1]["state"] not in ("Succeeded", "Failed"):
+            return False
+    return True
 
 
 def _crd_served(api: k8s.ApiClient) -> bool:

@@ -1,4 +1,4 @@
-"""Generated Kohya-layout datasets for the trainer tests: distinct random images with captions."""
+"""Generated Kohya-layout datasets for tests, benchmarks and the demo: distinct random images with captions."""
 
 from __future__ import annotations
 
