@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client as k8s
 
 from charlora.devtools.controlplane import ControlPlane
-from charlora.devtools.datasets import write_kohya_dataset
+from charlora.devtools.datasets import upload_tree, write_kohya_dataset
 from charlora.devtools.kubelet import run_pod_locally
 from charlora.devtools.operating import OperatorProcess
 from charlora.devtools.processes import wait_for
@@ -30,12 +30,6 @@ TRAINER = [sys.executable, "-m", "charlora_trainer"]
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_pipeline("sd15", tmp_path_factory.mktemp("e2e") / "tiny-sd15", seed=0)
-
-
-def _upload(s3: Any, bucket: str, local: Path, prefix: str) -> str:
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
-    return f"s3://{bucket}/{prefix}/"
 
 
 def _character(name: str, *, base: Path, dataset: str) -> dict[str, Any]:
@@ -94,7 +88,7 @@ def test_a_character_is_trained_and_recorded(
     tiny_base: Path,
     tmp_path: Path,
 ) -> None:
-    dataset = _upload(
+    dataset = upload_tree(
         s3, artifacts_bucket, write_kohya_dataset(tmp_path / "anna", folders={"2_anna": 6}), f"datasets/{ns}/anna"
     )
     k8s.CustomObjectsApi(kube).create_namespaced_custom_object(
@@ -131,7 +125,7 @@ def test_a_bad_dataset_is_refused_with_the_trainers_message(
 ) -> None:
     root = write_kohya_dataset(tmp_path / "bob", folders={"2_bob": 6})
     (root / "2_bob" / "img003.txt").unlink()
-    dataset = _upload(s3, artifacts_bucket, root, f"datasets/{ns}/bob")
+    dataset = upload_tree(s3, artifacts_bucket, root, f"datasets/{ns}/bob")
     k8s.CustomObjectsApi(kube).create_namespaced_custom_object(
         "charlora.dev", "v1alpha1", ns, "characterloras", _character("bob", base=tiny_base, dataset=dataset)
     )

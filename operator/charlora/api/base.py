@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -41,17 +41,6 @@ class StatusModel(ApiModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
 
 
-def _check_number(pattern: str, meaning: str) -> Any:
-    compiled = re.compile(pattern)
-
-    def check(value: str) -> str:
-        if not compiled.match(value):
-            raise ValueError(f'must be {meaning} written as a string, e.g. "1e-4"; got {value!r}')
-        return value
-
-    return check
-
-
 def _rule(rule: str, message: str) -> dict[str, Any]:
     return {"rule": rule, "message": message}
 
@@ -72,60 +61,36 @@ def find_placeholders(value: Any, path: str = "spec") -> list[str]:
     return []
 
 
-PositiveNumber = Annotated[
-    str,
-    AfterValidator(_check_number(POSITIVE_NUMBER_PATTERN, "a positive number")),
-    Field(
-        max_length=32,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _rule(
-                    f"self.matches(r'{POSITIVE_NUMBER_PATTERN}')",
-                    'must be a positive number written as a string, e.g. "1e-4"',
-                )
-            ]
-        },
-    ),
-]
-"""A positive decimal number kept as a string (``"1e-4"``): the API never holds floats."""
+def _pattern_string(pattern: str, message: str, *, max_length: int) -> Any:
+    """A string type checked against ``pattern`` by pydantic and, with the same message, by the apiserver (CEL)."""
+    compiled = re.compile(pattern)
 
-NonNegativeNumber = Annotated[
-    str,
-    AfterValidator(_check_number(NON_NEGATIVE_NUMBER_PATTERN, "a number >= 0")),
-    Field(
-        max_length=32,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _rule(
-                    f"self.matches(r'{NON_NEGATIVE_NUMBER_PATTERN}')",
-                    'must be a number >= 0 written as a string, e.g. "0.05"',
-                )
-            ]
-        },
-    ),
-]
-"""A decimal number >= 0 kept as a string (``"0.05"``)."""
+    def check(value: str) -> str:
+        if not compiled.match(value):
+            raise ValueError(f"{message}; got {value!r}")
+        return value
+
+    return Annotated[
+        str,
+        AfterValidator(check),
+        Field(max_length=max_length, json_schema_extra=cel_rules((f"self.matches(r'{pattern}')", message))),
+    ]
 
 
-def _check_version_name(value: str) -> str:
-    if not re.match(VERSION_NAME_PATTERN, value):
-        raise ValueError(f"must be a version name like v1, v2, ...; got {value!r}")
-    return value
-
-
-VersionName = Annotated[
-    str,
-    AfterValidator(_check_version_name),
-    Field(
-        max_length=16,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _rule(f"self.matches(r'{VERSION_NAME_PATTERN}')", "must be a version name like v1, v2, ...")
-            ]
-        },
-    ),
-]
-"""A version name: ``v1``, ``v2``, ..."""
+if TYPE_CHECKING:  # plain strings to the type checker; validated strings at run time
+    PositiveNumber = str
+    NonNegativeNumber = str
+    VersionName = str
+else:
+    PositiveNumber = _pattern_string(
+        POSITIVE_NUMBER_PATTERN, 'must be a positive number written as a string, e.g. "1e-4"', max_length=32
+    )
+    """A positive decimal number kept as a string (``"1e-4"``): the API never holds floats."""
+    NonNegativeNumber = _pattern_string(
+        NON_NEGATIVE_NUMBER_PATTERN, 'must be a number >= 0 written as a string, e.g. "0.05"', max_length=32
+    )
+    """A decimal number >= 0 kept as a string (``"0.05"``)."""
+    VersionName = _pattern_string(VERSION_NAME_PATTERN, "must be a version name like v1, v2, ...", max_length=16)
 
 
 class Condition(StatusModel):

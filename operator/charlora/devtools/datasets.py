@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -35,3 +36,10 @@ def write_kohya_dataset(
             image.with_suffix(".txt").write_text(CAPTIONS[index % len(CAPTIONS)] + f", tag{index}")
             index += 1
     return root
+
+
+def upload_tree(s3: Any, bucket: str, local: Path, prefix: str) -> str:
+    """Copies a local directory to ``s3://<bucket>/<prefix>/`` with a boto3 client; returns that URI."""
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), bucket, f"{prefix.strip('/')}/{path.relative_to(local).as_posix()}")
+    return f"s3://{bucket}/{prefix.strip('/')}/"

@@ -24,7 +24,7 @@ import yaml
 from kubernetes import client as k8s
 
 from charlora.devtools.controlplane import ControlPlane, api_client_for
-from charlora.devtools.datasets import write_kohya_dataset
+from charlora.devtools.datasets import upload_tree, write_kohya_dataset
 from charlora.devtools.kubelet import run_pod_locally
 from charlora.devtools.minio import MinioServer
 from charlora.devtools.operating import OperatorProcess
@@ -85,8 +85,8 @@ def run_demo(repo: Path) -> None:
                 manifests.write_text(
                     yaml.safe_dump_all(
                         [
-                            _character("anna", base=base, dataset=_upload(s3, anna_data, "datasets/anna")),
-                            _character("bob", base=base, dataset=_upload(s3, bob_data, "datasets/bob")),
+                            _character("anna", base=base, dataset=upload_tree(s3, BUCKET, anna_data, "datasets/anna")),
+                            _character("bob", base=base, dataset=upload_tree(s3, BUCKET, bob_data, "datasets/bob")),
                         ],
                         sort_keys=False,
                     )
@@ -146,12 +146,6 @@ def _character(name: str, *, base: Path, dataset: str) -> dict[str, Any]:
             "resources": {"gpus": 0},
         },
     }
-
-
-def _upload(s3: Any, local: Path, prefix: str) -> str:
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(local).as_posix()}")
-    return f"s3://{BUCKET}/{prefix}/"
 
 
 def _run_trainer(core: k8s.CoreV1Api, plane: ControlPlane, name: str, work: Path) -> None:
