@@ -143,6 +143,7 @@ def test_overrides_queue_and_resources() -> None:
     job = build_training_job(lora, version="v7", config=CONFIG)
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
+    assert container["command"] == ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "charlora_trainer"]
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["suspend"] is True
     assert job["spec"]["activeDeadlineSeconds"] == 3600

@@ -153,6 +153,13 @@ def _env(lora: CharacterLoRA, *, version: str, config: OperatorConfig) -> list[d
     return env
 
 
+def _command(gpus: int) -> dict[str, Any]:
+    """One process per GPU: torchrun starts them and accelerate inside the trainer splits the batches."""
+    if gpus <= 1:
+        return {}  # the image's entry point: python -m charlora_trainer
+    return {"command": ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "-m", "charlora_trainer"]}
+
+
 def build_training_job(lora: CharacterLoRA, *, version: str, config: OperatorConfig) -> dict[str, Any]:
     """The ``batch/v1`` Job that trains ``version`` of ``lora``."""
     resources = lora.spec.resources
@@ -164,6 +171,7 @@ def build_training_job(lora: CharacterLoRA, *, version: str, config: OperatorCon
         "name": TRAINER_CONTAINER,
         "image": config.trainer_image,
         "imagePullPolicy": config.image_pull_policy,
+        **_command(resources.gpus),
         "env": _env(lora, version=version, config=config),
         "resources": _container_resources(lora),
         "securityContext": {
