@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= operator,trainer,inference,dev
 PYTEST_ARGS ?=
 
-.PHONY: setup tools test lint bench-world demo
+.PHONY: setup tools test lint demo bench-world bench-operator bench-trainer bench-inference
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,12 @@ demo: tools
 
 bench-world: tools
 	$(PY) bench/world_startup.py
+
+bench-operator: tools
+	$(PY) bench/operator_scale.py
+
+bench-trainer: setup
+	$(PY) bench/trainer.py
+
+bench-inference: setup
+	$(PY) -m bench.inference
