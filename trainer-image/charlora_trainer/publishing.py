@@ -9,7 +9,7 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -149,30 +149,27 @@ def epoch_path(recipe: LoRARecipe, epoch: int) -> Path:
     return local
 
 
-def publish_version(recipe: LoRARecipe) -> artifacts.Manifest:
-    final_states = recipe.lora_state()
+def _report_phase(recipe: LoRARecipe, phase: Literal["uploading", "sampling", "done"]) -> None:
+    """progress.json after the last step: training is done; publishing is under way or finished."""
     recipe.progress.write(
         step=recipe.step,
         total_steps=recipe.total_steps,
         epoch=recipe.total_epochs,
         total_epochs=recipe.total_epochs,
         loss=recipe.last_loss,
-        phase="uploading",
+        phase=phase,
         force=True,
     )
+
+
+def publish_version(recipe: LoRARecipe) -> artifacts.Manifest:
+    final_states = recipe.lora_state()
+    _report_phase(recipe, "uploading")
     recipe.kohya_file(final_states, recipe.out_dir / artifacts.LORA, epoch=recipe.total_epochs)
     recipe._publish_file(artifacts.LORA, recipe.out_dir / artifacts.LORA)
     write_diffusers_lora(recipe, recipe.out_dir / artifacts.LORA_DIFFUSERS)
     recipe._publish_file(artifacts.LORA_DIFFUSERS, recipe.out_dir / artifacts.LORA_DIFFUSERS)
-    recipe.progress.write(
-        step=recipe.step,
-        total_steps=recipe.total_steps,
-        epoch=recipe.total_epochs,
-        total_epochs=recipe.total_epochs,
-        loss=recipe.last_loss,
-        phase="sampling",
-        force=True,
-    )
+    _report_phase(recipe, "sampling")
     render_grid(recipe, recipe.out_dir / artifacts.GRID)
     recipe.load_lora_state(final_states)
     recipe._publish_file(artifacts.GRID, recipe.out_dir / artifacts.GRID)
@@ -217,13 +214,5 @@ def publish_version(recipe: LoRARecipe) -> artifacts.Manifest:
         content_type="application/json",
     )
     recipe.store.delete_prefix(recipe.output_uri + artifacts.CHECKPOINTS_DIR)
-    recipe.progress.write(
-        step=recipe.step,
-        total_steps=recipe.total_steps,
-        epoch=recipe.total_epochs,
-        total_epochs=recipe.total_epochs,
-        loss=recipe.last_loss,
-        phase="done",
-        force=True,
-    )
+    _report_phase(recipe, "done")
     return manifest
