@@ -4,7 +4,6 @@ per test. Nothing here is mocked and nothing is downloaded at test time: the bin
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import re
@@ -20,7 +19,7 @@ from kubernetes import client as k8s
 
 from charlora.devtools.controlplane import ControlPlane
 from charlora.devtools.minio import MinioServer
-from charlora.devtools.operating import OperatorProcess
+from charlora.devtools.operating import OperatorProcess, create_credentials_secret
 from charlora.devtools.tools import Toolbox
 from tests.world import api_client_for, s3_client_for, wait_for
 
@@ -165,14 +164,5 @@ def operator(
 @pytest.fixture
 def ns(namespace: str, kube: k8s.ApiClient, minio: MinioServer) -> str:
     """A namespace holding the default credentials Secret the operator and the Jobs use."""
-    k8s.CoreV1Api(kube).create_namespaced_secret(
-        namespace,
-        k8s.V1Secret(
-            metadata=k8s.V1ObjectMeta(name="charlora-s3"),
-            data={
-                "AWS_ACCESS_KEY_ID": base64.b64encode(minio.access_key.encode()).decode(),
-                "AWS_SECRET_ACCESS_KEY": base64.b64encode(minio.secret_key.encode()).decode(),
-            },
-        ),
-    )
+    create_credentials_secret(k8s.CoreV1Api(kube), namespace, minio)
     return namespace

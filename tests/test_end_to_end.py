@@ -8,7 +8,6 @@ environment the operator's pod spec gives it (charlora.devtools.kubelet), and th
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,56 +15,18 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from charlora.devtools.controlplane import ControlPlane
 from charlora.devtools.datasets import upload_tree, write_kohya_dataset
-from charlora.devtools.kubelet import run_pod_locally
+from charlora.devtools.kubelet import run_job_locally
 from charlora.devtools.operating import OperatorProcess
 from charlora.devtools.processes import wait_for
-from charlora.devtools.tiny_models import build_tiny_pipeline
+from charlora.devtools.tiny_models import build_tiny_pipeline, tiny_character
 
 pytestmark = pytest.mark.workloads
-TRAINER = [sys.executable, "-m", "charlora_trainer"]
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_pipeline("sd15", tmp_path_factory.mktemp("e2e") / "tiny-sd15", seed=0)
-
-
-def _character(name: str, *, base: Path, dataset: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "charlora.dev/v1alpha1",
-        "kind": "CharacterLoRA",
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": {"family": "sd15", "uri": str(base), "version": "tiny-sd15"},
-            "dataset": {"uri": dataset, "minImages": 4},
-            "training": {
-                "rank": 4,
-                "alpha": 4,
-                "epochs": 2,
-                "resolution": 64,
-                "mixedPrecision": "no",
-                "buckets": {"minResolution": 64},
-                "samplePrompts": ["a person in a park"],
-                "gridCfgScales": ["4"],
-            },
-            "resources": {"gpus": 0},
-        },
-    }
-
-
-def _train_through_the_job(kube: k8s.ApiClient, plane: ControlPlane, ns: str, job: str, workdir: Path) -> int:
-    core = k8s.CoreV1Api(kube)
-
-    def running_pod() -> str | None:
-        pods = core.list_namespaced_pod(ns, label_selector=f"job-name={job}").items
-        return next((p.metadata.name for p in pods if p.status.phase == "Running"), None)
-
-    pod: str = wait_for(running_pod, timeout=60, what=f"a running pod of {job}")
-    run = run_pod_locally(core, ns, pod, command=TRAINER, workdir=workdir, timeout=600)
-    plane.finish_pod(ns, pod, exit_code=run.exit_code, message=run.termination_message)
-    return run.exit_code
 
 
 def _version(kube: k8s.ApiClient, ns: str, name: str) -> Callable[[], dict[str, Any] | None]:
@@ -92,11 +53,11 @@ def test_a_character_is_trained_and_recorded(
         s3, artifacts_bucket, write_kohya_dataset(tmp_path / "anna", folders={"2_anna": 6}), f"datasets/{ns}/anna"
     )
     k8s.CustomObjectsApi(kube).create_namespaced_custom_object(
-        "charlora.dev", "v1alpha1", ns, "characterloras", _character("anna", base=tiny_base, dataset=dataset)
+        "charlora.dev", "v1alpha1", ns, "characterloras", tiny_character("anna", base=tiny_base, dataset=dataset)
     )
 
-    exit_code = _train_through_the_job(kube, operator.control_plane, ns, "anna-v1", tmp_path / "pod")
-    assert exit_code == 0
+    run = run_job_locally(operator.control_plane, k8s.CoreV1Api(kube), ns, "anna-v1", workdir=tmp_path / "pod")
+    assert run.exit_code == 0, run.stderr
     v1 = wait_for(_version(kube, ns, "anna"), timeout=60, what="v1 to finish")
     assert v1["state"] == "Succeeded", v1
     prefix = f"loras/{ns}/anna/v1/"
@@ -127,10 +88,11 @@ def test_a_bad_dataset_is_refused_with_the_trainers_message(
     (root / "2_bob" / "img003.txt").unlink()
     dataset = upload_tree(s3, artifacts_bucket, root, f"datasets/{ns}/bob")
     k8s.CustomObjectsApi(kube).create_namespaced_custom_object(
-        "charlora.dev", "v1alpha1", ns, "characterloras", _character("bob", base=tiny_base, dataset=dataset)
+        "charlora.dev", "v1alpha1", ns, "characterloras", tiny_character("bob", base=tiny_base, dataset=dataset)
     )
 
-    assert _train_through_the_job(kube, operator.control_plane, ns, "bob-v1", tmp_path / "pod") == 3
+    run = run_job_locally(operator.control_plane, k8s.CoreV1Api(kube), ns, "bob-v1", workdir=tmp_path / "pod")
+    assert run.exit_code == 3
     v1 = wait_for(_version(kube, ns, "bob"), timeout=60, what="v1 to finish")
     assert v1["state"] == "Failed"
     assert v1["badInput"] is True

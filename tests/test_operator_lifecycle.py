@@ -17,6 +17,7 @@ from charlora.api.characterlora import CharacterLoRA
 from charlora.building import build_training_job
 from charlora.config import OperatorConfig
 from charlora.devtools.controlplane import ControlPlane
+from charlora.devtools.kubelet import wait_for_running_pod
 from charlora.devtools.operating import OperatorProcess
 from charlora.devtools.standin import version_uri, write_artifacts, write_progress
 from tests.world import wait_for
@@ -59,15 +60,6 @@ def _jobs(kube: k8s.ApiClient, ns: str) -> list[str]:
     return sorted(str(j.metadata.name) for j in k8s.BatchV1Api(kube).list_namespaced_job(ns).items)
 
 
-def _running_pod(kube: k8s.ApiClient, ns: str, job: str) -> str:
-    def find() -> str | None:
-        pods = k8s.CoreV1Api(kube).list_namespaced_pod(ns, label_selector=f"job-name={job}").items
-        return next((p.metadata.name for p in pods if p.status.phase == "Running"), None)
-
-    pod: str = wait_for(find, timeout=60, what=f"a running pod of {job}")
-    return pod
-
-
 def _patch_spec(kube: k8s.ApiClient, ns: str, name: str, spec: dict[str, Any]) -> None:
     k8s.CustomObjectsApi(kube).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": spec})
 
@@ -77,7 +69,7 @@ def _train_successfully(
 ) -> str:
     """Plays a successful trainer run of ``version``; returns the LoRA's sha256."""
     job = f"{name}-{version}"
-    pod = _running_pod(kube, ns, job)
+    pod = wait_for_running_pod(k8s.CoreV1Api(kube), ns, job)
     _, prefix = version_uri(bucket, ns, name, version)
     sha = write_artifacts(s3, bucket, prefix, namespace=ns, name=name, version=version)
     workloads.finish_pod(ns, pod, exit_code=0)
@@ -106,7 +98,7 @@ def test_new_object_becomes_v1_with_progress_and_a_recorded_success(
     ]
     assert job.spec.template.spec.containers[0].resources.limits == {"nvidia.com/gpu": "1"}
 
-    pod = _running_pod(kube, ns, "anna-v1")
+    pod = wait_for_running_pod(k8s.CoreV1Api(kube), ns, "anna-v1")
     status = wait_for(lambda: (s := _status(kube, ns, "anna")).get("versions") and s, timeout=30, what="status")
     assert [(v["name"], v["jobName"]) for v in status["versions"]] == [("v1", "anna-v1")]
     assert _condition(status, "Ready")["status"] == "False"
@@ -153,7 +145,7 @@ def test_succeeded_job_without_manifest_is_a_failed_version(
     operator: OperatorProcess, kube: k8s.ApiClient, workloads: ControlPlane, ns: str
 ) -> None:
     k8s.CustomObjectsApi(kube).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _manifest("bob"))
-    workloads.finish_pod(ns, _running_pod(kube, ns, "bob-v1"), exit_code=0)
+    workloads.finish_pod(ns, wait_for_running_pod(k8s.CoreV1Api(kube), ns, "bob-v1"), exit_code=0)
     v1 = wait_for(
         lambda: (v := _version(kube, ns, "bob", "v1")).get("state") == "Failed" and v, timeout=60, what="v1 failed"
     )
@@ -169,7 +161,7 @@ def test_bad_dataset_fails_at_once_with_the_trainers_message(
 ) -> None:
     k8s.CustomObjectsApi(kube).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _manifest("carl"))
     message = "dataset: 3 images have no caption: 5_carl/a.png, 5_carl/b.png, 5_carl/c.png"
-    workloads.finish_pod(ns, _running_pod(kube, ns, "carl-v1"), exit_code=3, message=message)
+    workloads.finish_pod(ns, wait_for_running_pod(k8s.CoreV1Api(kube), ns, "carl-v1"), exit_code=3, message=message)
     v1 = wait_for(
         lambda: (v := _version(kube, ns, "carl", "v1")).get("state") == "Failed" and v, timeout=60, what="v1 failed"
     )

@@ -10,10 +10,8 @@ step, then tears everything down.
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,14 +23,15 @@ from kubernetes import client as k8s
 
 from charlora.devtools.controlplane import ControlPlane, api_client_for
 from charlora.devtools.datasets import upload_tree, write_kohya_dataset
-from charlora.devtools.kubelet import run_pod_locally
+from charlora.devtools.kubelet import run_job_locally
 from charlora.devtools.minio import MinioServer
-from charlora.devtools.operating import OperatorProcess
+from charlora.devtools.operating import OperatorProcess, create_credentials_secret
 from charlora.devtools.processes import wait_for
-from charlora.devtools.tiny_models import build_tiny_pipeline
+from charlora.devtools.tiny_models import build_tiny_pipeline, tiny_character
 from charlora.devtools.tools import Toolbox
 
 NAMESPACE = "companions"
+DEMO_TRAINING = {"epochs": 4, "saveEveryNEpochs": 2, "gridCfgScales": ["4", "7"]}
 BUCKET = "charlora"
 
 
@@ -65,16 +64,7 @@ def run_demo(repo: Path) -> None:
             kubectl_run("apply", "-f", str(repo / "crds"))
             wait_for(lambda: _crd_served(api), timeout=30, what="the CharacterLoRA CRD")
             core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=NAMESPACE)))
-            core.create_namespaced_secret(
-                NAMESPACE,
-                k8s.V1Secret(
-                    metadata=k8s.V1ObjectMeta(name="charlora-s3"),
-                    data={
-                        "AWS_ACCESS_KEY_ID": base64.b64encode(minio.access_key.encode()).decode(),
-                        "AWS_SECRET_ACCESS_KEY": base64.b64encode(minio.secret_key.encode()).decode(),
-                    },
-                ),
-            )
+            create_credentials_secret(core, NAMESPACE, minio)
             with tempfile.TemporaryDirectory(prefix="charlora-demo-") as work_dir:
                 work = Path(work_dir)
                 base = build_tiny_pipeline("sd15", work / "tiny-sd15")
@@ -85,8 +75,18 @@ def run_demo(repo: Path) -> None:
                 manifests.write_text(
                     yaml.safe_dump_all(
                         [
-                            _character("anna", base=base, dataset=upload_tree(s3, BUCKET, anna_data, "datasets/anna")),
-                            _character("bob", base=base, dataset=upload_tree(s3, BUCKET, bob_data, "datasets/bob")),
+                            tiny_character(
+                                "anna",
+                                base=base,
+                                dataset=upload_tree(s3, BUCKET, anna_data, "datasets/anna"),
+                                **DEMO_TRAINING,
+                            ),
+                            tiny_character(
+                                "bob",
+                                base=base,
+                                dataset=upload_tree(s3, BUCKET, bob_data, "datasets/bob"),
+                                **DEMO_TRAINING,
+                            ),
                         ],
                         sort_keys=False,
                     )
@@ -96,7 +96,12 @@ def run_demo(repo: Path) -> None:
                 operator = OperatorProcess(plane, minio, BUCKET, work / "operator", progress_interval=1.0).start()
                 kubectl_run("apply", "-n", NAMESPACE, "-f", str(manifests))
                 runs = {
-                    name: threading.Thread(target=_run_trainer, args=(core, plane, name, work), daemon=True)
+                    name: threading.Thread(
+                        target=run_job_locally,
+                        args=(plane, core, NAMESPACE, f"{name}-v1"),
+                        kwargs={"workdir": work / f"pod-{name}"},
+                        daemon=True,
+                    )
                     for name in ("anna", "bob")
                 }
                 for thread in runs.values():
@@ -124,44 +129,6 @@ def run_demo(repo: Path) -> None:
         plane.stop()
 
 
-def _character(name: str, *, base: Path, dataset: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "charlora.dev/v1alpha1",
-        "kind": "CharacterLoRA",
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": {"family": "sd15", "uri": str(base), "version": "tiny-sd15"},
-            "dataset": {"uri": dataset, "minImages": 4, "characterToken": name},
-            "training": {
-                "rank": 4,
-                "alpha": 4,
-                "epochs": 4,
-                "saveEveryNEpochs": 2,
-                "resolution": 64,
-                "mixedPrecision": "no",
-                "buckets": {"minResolution": 64},
-                "samplePrompts": ["a person in a park"],
-                "gridCfgScales": ["4", "7"],
-            },
-            "resources": {"gpus": 0},
-        },
-    }
-
-
-def _run_trainer(core: k8s.CoreV1Api, plane: ControlPlane, name: str, work: Path) -> None:
-    """The stand-in kubelet: the trainer runs for the pod of <name>-v1, and the pod ends with its exit code."""
-    pod = wait_for(lambda: _running_pod(core, f"{name}-v1"), timeout=60, what=f"{name}'s training pod")
-    run = run_pod_locally(
-        core,
-        NAMESPACE,
-        pod,
-        command=[sys.executable, "-m", "charlora_trainer"],
-        workdir=work / f"pod-{name}",
-        timeout=900,
-    )
-    plane.finish_pod(NAMESPACE, pod, exit_code=run.exit_code, message=run.termination_message)
-
-
 def _finished(api: k8s.ApiClient, names: tuple[str, ...]) -> bool:
     custom: Any = k8s.CustomObjectsApi(api)
     for name in names:
@@ -182,8 +149,3 @@ def _crd_served(api: k8s.ApiClient) -> bool:
     except k8s.ApiException:
         return False
     return True
-
-
-def _running_pod(core: k8s.CoreV1Api, job: str) -> str | None:
-    pods = core.list_namespaced_pod(NAMESPACE, label_selector=f"job-name={job}").items
-    return next((str(p.metadata.name) for p in pods if p.metadata and p.status and p.status.phase == "Running"), None)

@@ -10,11 +10,17 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s
+
+from charlora.devtools.controlplane import ControlPlane
+from charlora.devtools.processes import wait_for
+
+TRAINER_COMMAND = [sys.executable, "-m", "charlora_trainer"]  # the trainer image's entry point
 
 
 @dataclass(frozen=True)
@@ -69,3 +75,31 @@ def run_pod_locally(
     done = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=timeout, check=False)
     message = termination_log.read_text().strip() if termination_log.exists() else ""
     return LocalRun(done.returncode, message or done.stderr.strip()[-4000:], done.stderr)
+
+
+def wait_for_running_pod(core: k8s.CoreV1Api, namespace: str, job: str, *, timeout: float = 60) -> str:
+    """The name of a Running pod of ``job`` (kwok starts it once the scheduler placed it)."""
+
+    def running() -> str | None:
+        pods: Any = core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
+        return next((str(p.metadata.name) for p in pods if p.status.phase == "Running"), None)
+
+    pod: str = wait_for(running, timeout=timeout, what=f"a running pod of Job {job}")
+    return pod
+
+
+def run_job_locally(
+    plane: ControlPlane,
+    core: k8s.CoreV1Api,
+    namespace: str,
+    job: str,
+    *,
+    workdir: Path,
+    command: list[str] = TRAINER_COMMAND,
+    timeout: float = 900,
+) -> LocalRun:
+    """Waits for the Job's pod, runs its container command here, and ends the pod the way the command ended."""
+    pod = wait_for_running_pod(core, namespace, job)
+    run = run_pod_locally(core, namespace, pod, command=command, workdir=workdir, timeout=timeout)
+    plane.finish_pod(namespace, pod, exit_code=run.exit_code, message=run.termination_message)
+    return run

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import sys
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kubernetes import client as k8s
 
 from charlora.devtools.controlplane import ControlPlane
 from charlora.devtools.minio import MinioServer
@@ -80,3 +83,17 @@ class OperatorProcess:
 
     def log_tail(self) -> str:
         return self.process.log_tail(60) if self.process else ""
+
+
+def create_credentials_secret(
+    core: k8s.CoreV1Api, namespace: str, minio: MinioServer, name: str = "charlora-s3"
+) -> None:
+    """The Secret the operator and its training Jobs read the test MinIO's credentials from."""
+    data = {"AWS_ACCESS_KEY_ID": minio.access_key, "AWS_SECRET_ACCESS_KEY": minio.secret_key}
+    core.create_namespaced_secret(
+        namespace,
+        k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name=name),
+            data={key: base64.b64encode(value.encode()).decode() for key, value in data.items()},
+        ),
+    )

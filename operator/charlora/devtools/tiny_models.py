@@ -217,3 +217,31 @@ def build_tiny_pipeline(family: Family, directory: Path, *, seed: int = 0) -> Pa
         leftover.unlink()
     tokenizer_dir.rmdir()
     return directory
+
+
+def tiny_character(name: str, *, base: Path, dataset: str, **training: Any) -> dict[str, Any]:
+    """A CharacterLoRA that trains in seconds on a CPU: the tiny SD1.5-like ``base``, 64 px, no GPU.
+
+    ``training`` overrides fields of spec.training (camelCase), e.g. ``epochs=4``.
+    """
+    return {
+        "apiVersion": "charlora.dev/v1alpha1",
+        "kind": "CharacterLoRA",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"family": "sd15", "uri": str(base), "version": "tiny-sd15"},
+            "dataset": {"uri": dataset, "minImages": 4, "characterToken": name},
+            "training": {
+                "rank": 4,
+                "alpha": 4,
+                "epochs": 2,
+                "resolution": TINY_RESOLUTION,
+                "mixedPrecision": "no",
+                "buckets": {"minResolution": TINY_RESOLUTION},
+                "samplePrompts": ["a person in a park"],
+                "gridCfgScales": ["4"],
+                **training,
+            },
+            "resources": {"gpus": 0},
+        },
+    }
